@@ -1,0 +1,142 @@
+"""DATA framing: find the end of data, undo dot-stuffing, refuse smuggling. Sans-IO.
+
+Takes the raw bytes that follow `354` in whatever chunks the network delivers; hands
+on the message content (dot-unstuffed, CRLF line ends) in pieces, the header block
+separately (so filters can read and edit it while the body streams to the spool), and
+whatever bytes came after the terminating CRLF.CRLF (pipelined commands).
+
+Trusts nothing. The only end of data is CRLF "." CRLF (RFC 5321 4.1.1.4): `\\n.\\n`,
+`\\r.\\r`, `\\r\\n.\\r`, `\\n.\\r\\n` are content, never an end, so a message can never be
+split into two (SMTP smuggling, CVE-2023-51766 and friends). A bare CR or LF anywhere
+makes the whole message refused once it ends (as Postfix's smtpd_forbid_bare_newline),
+or, if configured, turned into CRLF. Work per chunk is O(bytes) in C: one find for the
+end marker, counts for bare line ends, one replace for dot-stuffing (RFC 5321 4.5.2).
+We only keep the unfinished last line between chunks, never more than a line (lines
+longer than the limit are flagged and their bytes passed on), so memory is bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF; a client's
+# transparency dot may add one more.
+MAX_LINE = 1001
+HEADER_LIMIT = 1 << 20      # header block kept in memory for filters; beyond it: body
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+class DataError(enum.Enum):
+    NONE = "none"
+    TOO_BIG = "too_big"             # 552 5.3.4
+    BARE_NEWLINE = "bare_newline"   # 550 5.5.2 (smuggling defence)
+    LINE_TOO_LONG = "line_too_long"  # 500 5.5.2
+
+
+class DataReader:
+    def __init__(self, max_size: int, normalize: bool = False, max_line: int = MAX_LINE):
+        self.max_size = max_size
+        self.normalize = normalize
+        self.max_line = max_line
+        self.size = 0                   # content bytes seen (after unstuffing)
+        self.error = DataError.NONE
+        self.done = False
+        self.head: bytes | None = None  # header block, incl. the CRLF of its last line
+        self._head_buf = bytearray()
+        self._tail = b""                # an unfinished line, at most max_line-ish
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
+        """Consume network bytes. Returns (body pieces to store, bytes after the end).
+        Once `done` is True, the second value holds what the client pipelined after
+        the final dot; nothing more may be fed."""
+        assert not self.done
+        buf = self._tail + data if self._tail else data
+        # The content always starts at a line start, so the end marker may be the first
+        # three bytes; elsewhere it is CRLF.CRLF with the CRLF belonging to the content.
+        if buf.startswith(b".\r\n"):
+            end, skip = 0, 3
+        else:
+            end = buf.find(b"\r\n.\r\n")
+            skip = 5
+        if end >= 0:
+            content = buf[: end + 2] if skip == 5 else b""
+            rest = buf[end + skip:]
+            self._tail = b""
+            self.done = True
+        else:
+            # Hand on whole lines only, so dot-stuffing and line-end checks never straddle
+            # a chunk boundary. A line longer than the limit is an error anyway: pass its
+            # bytes on (keeping a few for the end-marker search) to stay bounded.
+            # Only CRLF ends a line: after a bare LF the next byte is not at a line
+            # start (else "\n.\r\n" would end the data: smuggling).
+            cut = buf.rfind(b"\r\n") + 2
+            if cut == 1:
+                cut = 0
+            if cut == 0 and len(buf) > self.max_line:
+                cut = len(buf) - 4
+                self._flag(DataError.LINE_TOO_LONG)
+            content, self._tail = buf[:cut], buf[cut:]
+            if len(self._tail) > self.max_line:
+                self._flag(DataError.LINE_TOO_LONG)
+            rest = b""
+        return (self._process(content) if content else []), rest
+
+    def _flag(self, err: DataError) -> None:
+        if self.error is DataError.NONE:
+            self.error = err
+
+    def _process(self, content: bytes) -> list[bytes]:
+        nl = content.count(b"\n")
+        crlf = content.count(b"\r\n")
+        if nl != crlf or content.count(b"\r") != crlf:
+            if self.normalize:
+                content = _BARE.sub(b"\r\n", content)
+            else:
+                self._flag(DataError.BARE_NEWLINE)
+        if len(content) > self.max_line and self.error is DataError.NONE:
+            if max(map(len, content.split(b"\n"))) > self.max_line:
+                self._flag(DataError.LINE_TOO_LONG)
+        # content starts at a line start: a leading dot is stuffing too.
+        if content[:1] == b".":
+            content = content[1:]
+        if b"\n." in content:
+            content = content.replace(b"\n.", b"\n")
+        self.size += len(content)
+        if self.size > self.max_size:
+            self._flag(DataError.TOO_BIG)
+        if self.error is not DataError.NONE:
+            return []               # keep reading to the end, store nothing
+        if self.head is None:
+            return self._split_head(content)
+        return [content]
+
+    def _split_head(self, content: bytes) -> list[bytes]:
+        """Collect the header block (up to the empty line) for filters to edit."""
+        hb = self._head_buf
+        start = max(0, len(hb) - 3)
+        hb += content
+        if hb[:2] == b"\r\n":
+            end = 0                 # no header at all: the body starts at once
+        else:
+            i = hb.find(b"\r\n\r\n", start)
+            end = i + 2 if i >= 0 else -1
+        if end >= 0:
+            self.head = bytes(hb[:end])
+            body = bytes(hb[end:])
+            self._head_buf = bytearray()
+            return [body] if body else []
+        if len(hb) > HEADER_LIMIT:
+            # A header block this large is not one a filter may edit: all body.
+            self.head = b""
+            body = bytes(hb)
+            self._head_buf = bytearray()
+            return [body]
+        return []
+
+    def finish_head(self) -> bytes:
+        """At end of data: a message with no empty line is all header."""
+        if self.head is None:
+            self.head = bytes(self._head_buf)
+            self._head_buf = bytearray()
+        return self.head

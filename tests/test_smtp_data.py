@@ -1,0 +1,126 @@
+"""DATA framing, sans-IO: every split point, every smuggling variant."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.smtp.data import DataError, DataReader
+
+
+def feed_all(chunks, **kw):
+    r = DataReader(max_size=kw.pop("max_size", 10_000_000), **kw)
+    out = []
+    rest = b""
+    for i, c in enumerate(chunks):
+        pieces, rest = r.feed(c)
+        out += pieces
+        if r.done:
+            rest += b"".join(chunks[i + 1:])   # the session reads these as commands
+            break
+    head = r.finish_head() if r.done else None
+    return r, (head or b"") + b"".join(out), rest
+
+
+def splits(data: bytes):
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+
+
+MSG = b"Subject: x\r\nFrom: a@b\r\n\r\n..dotted\r\nline\r\n.\r\nQUIT\r\n"
+
+
+@pytest.mark.parametrize("chunks", list(splits(MSG)))
+def test_end_found_and_unstuffed_at_every_split(chunks):
+    r, content, rest = feed_all(chunks)
+    assert r.done and r.error is DataError.NONE
+    assert content == b"Subject: x\r\nFrom: a@b\r\n\r\n.dotted\r\nline\r\n"
+    assert r.head == b"Subject: x\r\nFrom: a@b\r\n"
+    assert rest == b"QUIT\r\n"
+
+
+def test_byte_by_byte():
+    r, content, rest = feed_all([bytes([b]) for b in MSG])
+    assert content == b"Subject: x\r\nFrom: a@b\r\n\r\n.dotted\r\nline\r\n" and rest == b"QUIT\r\n"
+
+
+def test_empty_message_and_leading_dot():
+    r, content, rest = feed_all([b".\r\n"])
+    assert r.done and content == b""
+    r, content, _ = feed_all([b"..x\r\n.\r\n"])
+    assert content == b".x\r\n"
+
+
+SMUGGLE = [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n"]
+
+
+@pytest.mark.parametrize("marker", SMUGGLE)
+def test_smuggling_markers_are_content_and_refused(marker):
+    data = (b"Subject: a\r\n\r\nfirst" + marker + b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\n"
+            b"DATA\r\nSubject: smuggled\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+    for chunks in splits(data):
+        r, _, rest = feed_all(chunks)
+        assert r.done
+        assert r.error is DataError.BARE_NEWLINE
+        assert rest == b"NOOP\r\n"      # one message, ended only by CRLF.CRLF
+
+
+def test_bare_lf_in_body_refused_or_normalised():
+    data = b"Subject: a\r\n\r\nline\nnext\r\n.\r\n"
+    r, _, _ = feed_all([data])
+    assert r.error is DataError.BARE_NEWLINE
+    r, content, _ = feed_all([data], normalize=True)
+    assert r.error is DataError.NONE and content == b"Subject: a\r\n\r\nline\r\nnext\r\n"
+
+
+def test_size_limit_reads_to_end_and_stores_nothing():
+    body = b"x" * 100 + b"\r\n"
+    r = DataReader(max_size=1000)
+    stored = []
+    for _ in range(20):
+        p, _ = r.feed(body)
+        stored += p
+    p, rest = r.feed(b".\r\nQUIT\r\n")
+    assert r.done and r.error is DataError.TOO_BIG and rest == b"QUIT\r\n"
+
+
+def test_long_line_flagged_memory_bounded():
+    r = DataReader(max_size=10**9)
+    for _ in range(100):
+        r.feed(b"y" * 10_000)
+        assert len(r._tail) <= 10_000
+    r.feed(b"\r\n.\r\n")
+    assert r.done and r.error is DataError.LINE_TOO_LONG
+
+
+@given(st.lists(st.binary(max_size=64), max_size=20), st.integers(1, 50))
+def test_random_input_never_crashes_and_is_bounded(parts, step):
+    data = b"".join(parts) + b"\r\n.\r\n"
+    r = DataReader(max_size=10**6)
+    for i in range(0, len(data), step):
+        if r.done:
+            break
+        r.feed(data[i:i + step])
+        assert len(r._tail) <= r.max_line + 64
+    assert r.done
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"..", b"Subject: x", b"\r\n\r\n"]),
+                max_size=40), st.integers(1, 7))
+def test_stuffing_roundtrip(tokens, step):
+    original = b"".join(tokens)
+    if not original.endswith(b"\r\n"):
+        original += b"\r\n"
+    if b"\r" in original.replace(b"\r\n", b"") or b"\n" in original.replace(b"\r\n", b""):
+        return
+    lines = original.split(b"\r\n")[:-1]
+    wire = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    wire += b".\r\n"
+    r = DataReader(max_size=10**6)
+    out = []
+    for i in range(0, len(wire), step):
+        p, rest = r.feed(wire[i:i + step])
+        out += p
+        if r.done:
+            break
+    assert r.done and rest == b""
+    assert (r.finish_head() or b"") + b"".join(out) == original
