@@ -137,7 +137,12 @@ class App:
         except ImportError:
             log.warning("delivery not available in this build")
             return
-        self.scheduler = Scheduler(self.cfg, self.spool, self.resolver)
+        mta_sts = None
+        if self.cfg.delivery.mta_sts:
+            from relay.delivery.mta_sts import MTASTS
+            mta_sts = MTASTS(str(Path(self.cfg.spool.path) / "mta-sts"), self.resolver,
+                             ca_file=self.cfg.delivery.ca_file)
+        self.scheduler = Scheduler(self.cfg, self.spool, self.resolver, mta_sts=mta_sts)
         self.scheduler.start()
 
     def _flush(self) -> None:
@@ -277,11 +282,25 @@ class App:
         log.info("relay stopped")
         self._stopped.set()
 
-    async def run_forever(self) -> None:
+    def install_signals(self) -> None:
+        """Before start: a SIGTERM that arrives while we start still drains cleanly."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_term)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.started and self.reload())
+
+    started = False
+    _term = False
+
+    def _on_term(self) -> None:
+        self._term = True
+        if self.started:
+            asyncio.get_running_loop().create_task(self.drain_and_stop())
+
+    async def run_forever(self) -> None:
+        self.started = True
+        if self._term:
+            await self.drain_and_stop()
         await self._stopped.wait()
 
 
@@ -312,6 +331,7 @@ def _run_one(cfg: Config, config_path: str | None, worker: int, workers: int) ->
 
     async def main() -> None:
         app = App(cfg, config_path, worker, workers)
+        app.install_signals()
         try:
             await app.start()
         except BaseException:

@@ -93,6 +93,13 @@ MAILBOX_LOGINS = Counter("relay_mailbox_logins_total",
 CONFIG_RELOADS = Counter("relay_config_reloads_total", "Config reloads by result", ["result"])
 DRAINING = Gauge("relay_draining", "1 while the relay is draining (not taking mail)",
                  multiprocess_mode="livemax")
+# Set by relay.http (in the process serving HTTP) on every /readyz and /metrics, so
+# alerts see readiness where no kubelet probes it. livemax: other processes only hold
+# the import-time 0, so the maximum is the serving process's value.
+READY = Gauge("relay_ready", "1 when the last readiness check found no problem, else 0",
+              multiprocess_mode="livemax")
+SPOOL_FREE = Gauge("relay_spool_free_bytes", "Free bytes on the spool's filesystem",
+                   multiprocess_mode="livemax")
 
 
 def reply_class(code: int) -> str:

@@ -143,10 +143,9 @@ class Connection(asyncio.Protocol):
         del self._buf[:n]
         return data
 
-    async def peek(self) -> bytes:
-        """Wait for more bytes and return everything buffered, consuming nothing."""
-        n = len(self._buf)
-        while len(self._buf) == n:
+    async def peek(self, seen: int = 0) -> bytes:
+        """Everything buffered once there is more than `seen` bytes; consumes nothing."""
+        while len(self._buf) <= seen:
             await self._wait()
         return bytes(self._buf)
 

@@ -20,8 +20,6 @@ RFCs: 5321, 1870 SIZE, 2920 PIPELINING, 2034/3463 enhanced codes, 3207 STARTTLS,
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import email.utils
 import logging
 import ssl
@@ -32,6 +30,7 @@ from relay import metrics
 from relay.pipeline.protocol import Action, Context, Stage, Verdict
 from relay.queue.model import Envelope, Recipient, new_queue_id
 from relay.queue.spool import MessageWriter, SpoolError, SpoolFull
+from relay.smtp import auth as sasl
 from relay.smtp import proto
 from relay.smtp.connection import Connection, LineTooLong
 from relay.smtp.data import DataError, DataReader
@@ -134,8 +133,9 @@ class Session:
             return False
         try:
             async with asyncio.timeout(ppc.timeout):
+                buf = b""
                 while True:
-                    buf = await self.conn.peek()
+                    buf = await self.conn.peek(len(buf))
                     res = pp.parse(buf, ppc.max_header)
                     if res is not None:
                         break
@@ -314,20 +314,21 @@ class Session:
         mech = mech.upper()
         try:
             if mech == "PLAIN":
-                resp = initial or await self._challenge("")
-                if resp == "=":
-                    resp = ""
-                user, password = _decode_plain(resp)
+                authzid, user, password = sasl.decode_plain(initial or await self._challenge(""))
+                if authzid and authzid != user:
+                    raise sasl.AuthSyntaxError("acting for another identity is not allowed")
             elif mech == "LOGIN":
-                user = _b64(initial) if initial else _b64(await self._challenge("VXNlcm5hbWU6"))
-                password = _b64(await self._challenge("UGFzc3dvcmQ6"))
+                login = sasl.LoginSASL(initial or None)
+                while (challenge := login.challenge) is not None:
+                    login.feed(await self._challenge(challenge))
+                user, password = login.credentials
             else:
                 self.reply(Reply(504, "5.5.4", "Error: unsupported authentication mechanism"), "auth")
                 return
-        except _AuthCancelled:
-            self.reply(Reply(501, "5.7.0", "Authentication cancelled"), "auth")
+        except sasl.AuthCancelled:
+            self.reply(Reply(501, "5.0.0", "Authentication cancelled"), "auth")
             return
-        except ValueError:
+        except sasl.AuthSyntaxError:
             metrics.AUTH_RESULTS.labels(mech.lower(), "malformed").inc()
             self.reply(Reply(501, "5.5.2", "Error: malformed authentication data"), "auth")
             return
@@ -355,10 +356,7 @@ class Session:
         self.conn.write(f"334 {prompt}\r\n".encode())
         async with asyncio.timeout(self.cfg.smtp.command_timeout):
             line = await self.conn.readline(proto.MAX_COMMAND_LINE)
-        text = line.rstrip(b"\r\n").decode("ascii", "replace")
-        if text == "*":
-            raise _AuthCancelled()
-        return text
+        return line.rstrip(b"\r\n").decode("ascii", "replace")
 
     def _reset(self) -> None:
         if self._writer is not None:
@@ -594,32 +592,3 @@ class Session:
 
 async def _join(head: bytes, writer: MessageWriter) -> bytes:
     return head + await writer.body()
-
-
-class _AuthCancelled(Exception):
-    pass
-
-
-def _b64(text: str) -> str:
-    try:
-        out = base64.b64decode(text, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise ValueError("bad base64") from None
-    if any(c in out for c in "\r\n\0"):
-        raise ValueError("control characters")
-    return out
-
-
-def _decode_plain(text: str) -> tuple[str, str]:
-    """RFC 4616: [authzid] NUL authcid NUL passwd."""
-    try:
-        raw = base64.b64decode(text, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise ValueError("bad base64") from None
-    parts = raw.split("\0")
-    if len(parts) != 3 or not parts[1] or any(c in parts[1] for c in "\r\n"):
-        raise ValueError("bad PLAIN message")
-    authzid, user, password = parts
-    if authzid and authzid != user:
-        raise ValueError("authorization identity differs")
-    return user, password
