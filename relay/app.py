@@ -79,8 +79,11 @@ class App:
             await srv.start()
             self.smtp.append(srv)
         await self._start_delivery()
-        await self._start_mailbox_servers(ssl_ctx)
-        await self._start_http()
+        if self.worker == 0:
+            # One process serves HTTP and the mailboxes (IMAP IDLE notifications are
+            # in-process); the SMTP listeners are shared by all workers.
+            await self._start_mailbox_servers(ssl_ctx)
+            await self._start_http()
         self._tasks.append(asyncio.create_task(control.poll(self.spool, self._flush),
                                                name="queue-control"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
@@ -153,6 +156,10 @@ class App:
         if self.store is None:
             return
         q = self.cfg.quarantine
+        if q.digest_from and q.digest_interval:
+            from relay.quarantine.digest import run_digests
+            self._tasks.append(asyncio.create_task(run_digests(self.store, q, self.enqueue),
+                                                   name="quarantine-digests"))
         on_release = self.releaser.on_release if self.releaser is not None else None
         try:
             from relay.quarantine.imap.server import start_imap

@@ -37,9 +37,25 @@ def _when(ts: float) -> str:
 def cmd_serve(args) -> int:
     path = args.config or os.environ.get("RELAY_CONFIG") or None
     cfg = config_mod.load(path)
+    if (cfg.workers or os.cpu_count() or 1) > 1:
+        _multiprocess_metrics()
     from relay.app import serve
     serve(cfg, path)
     return 0
+
+
+def _multiprocess_metrics() -> None:
+    """Workers' metrics add up only if prometheus_client is in multiprocess mode from
+    its first import on: set the directory now, fresh for this run."""
+    import glob
+    import tempfile
+    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        for f in glob.glob(os.path.join(d, "*.db")):
+            os.unlink(f)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
 
 
 def cmd_check(args) -> int:

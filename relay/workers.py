@@ -1,0 +1,87 @@
+"""Several worker processes on one box: a small supervisor that forks them.
+
+Takes the config and N; forks N workers before any event loop exists. Each worker binds
+the SMTP listeners itself with SO_REUSEPORT (the kernel spreads connections), owns its
+own spool writer (segments w<N>-*.log: no locks shared on the per-message path) and
+delivers the messages it accepted. Worker 0 also serves HTTP (metrics, probes) and the
+quarantine over IMAP/POP3 (mailbox change notifications are in-process). Metrics of all
+workers add up through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR is
+set by the CLI before prometheus_client is first imported).
+
+The supervisor forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a worker that
+dies unexpectedly (with a pause, so a crash loop does not spin), and exits once all
+workers have exited after a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from relay.config import Config
+
+log = logging.getLogger("relay.workers")
+
+
+def run_workers(cfg: Config, config_path: str | None, n: int) -> None:
+    from relay.app import _run_one
+    from relay.http import worker_exited
+
+    children: dict[int, int] = {}      # pid -> worker index
+    stopping = False
+
+    def spawn(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            code = 0
+            try:
+                _run_one(cfg, config_path, i, n)
+            except BaseException:  # noqa: BLE001 - report and leave the child
+                log.exception("worker %d failed", i)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = i
+        log.info("worker %d started (pid %d)", i, pid)
+
+    def forward(sig, _frame) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    for i in range(n):
+        if not stopping:
+            spawn(i)
+    failures = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        i = children.pop(pid, None)
+        if i is None:
+            continue
+        worker_exited(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            log.info("worker %d (pid %d) exited (%d)", i, pid, code)
+            continue
+        failures += 1
+        log.error("worker %d (pid %d) died (%d); restarting", i, pid, code)
+        time.sleep(min(30, 0.5 * failures))
+        if not stopping:
+            spawn(i)
