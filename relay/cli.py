@@ -14,8 +14,10 @@ override single keys (containers).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import getpass
+import inspect
 import json
 import os
 import sys
@@ -95,8 +97,15 @@ def cmd_queue(args) -> int:
             print("queue is empty")
         return 0
     if args.action == "drain":
+        if not args.to:
+            print("relay queue drain: --to HOST:PORT is required", file=sys.stderr)
+            return 2
         from relay.queue.drain import drain
-        n = drain(cfg, args.to)
+        try:
+            n = drain(cfg, args.to)
+        except ValueError as e:
+            print(f"relay queue drain: {e}", file=sys.stderr)
+            return 2
         print(f"drained {n} messages to {args.to}")
         return 0
     if args.action != "flush" and not args.id:
@@ -113,19 +122,33 @@ def cmd_queue(args) -> int:
 def cmd_quarantine(args) -> int:
     cfg = _load(args.config)
     from relay.quarantine import cli as qcli
-    if args.action == "list":
-        out = qcli.list_messages(cfg, json=args.json)
-    elif args.action == "show":
-        out = qcli.show(cfg, args.id)
-    elif args.action == "release":
-        out = qcli.release(cfg, args.id, _offline_enqueue(cfg))
-    else:
-        out = qcli.delete(cfg, args.id)
+    from relay.quarantine.release import ReleaseError
+    if args.action != "list" and not args.id:
+        print(f"relay quarantine {args.action}: a quarantine id is required", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            out = qcli.list_messages(cfg, json=args.json)
+        elif args.action == "show":
+            out = qcli.show(cfg, args.id)
+        elif args.action == "release":
+            out = qcli.release(cfg, args.id, _offline_enqueue(cfg))
+        else:
+            out = qcli.delete(cfg, args.id)
+        if inspect.isawaitable(out):
+            out = asyncio.run(_awaited(out))
+    except ReleaseError as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 1
     if isinstance(out, bytes):
         sys.stdout.buffer.write(out)
     elif out is not None:
         print(out if isinstance(out, str) else json.dumps(out, indent=2))
     return 0
+
+
+async def _awaited(aw):
+    return await aw
 
 
 def _offline_enqueue(cfg):

@@ -28,8 +28,11 @@ def fake_verify(pw: str, stored: str) -> bool:
 class Running:
     """An IMAP server on a background loop. `call(coro)` runs a coroutine there."""
 
-    def __init__(self, root: Path, ssl_context=None, implicit_tls=False, **cfg_kw) -> None:
+    def __init__(self, root: Path, ssl_context=None, implicit_tls=False, verify=fake_verify,
+                 server_kw: dict | None = None, **cfg_kw) -> None:
         self.root = root
+        self.verify = verify
+        self.server_kw = server_kw or {}
         self.ssl_context = ssl_context
         self.implicit_tls = implicit_tls
         self.cfg = QuarantineConfig(path=str(root), users=USERS, **cfg_kw)
@@ -42,7 +45,7 @@ class Running:
         self.start()
 
     async def _make_store(self) -> QuarantineStore:
-        return QuarantineStore(self.cfg, verify_password=fake_verify)
+        return QuarantineStore(self.cfg, verify_password=self.verify)
 
     async def on_release(self, user: str, qid: str) -> None:
         self.released.append((user, qid))
@@ -51,7 +54,7 @@ class Running:
     def start(self, port: int = 0) -> None:
         async def go() -> IMAPServer:
             s = IMAPServer(self.cfg, self.store, self.ssl_context, "127.0.0.1", port,
-                           self.implicit_tls, self.on_release)
+                           self.implicit_tls, self.on_release, **self.server_kw)
             await s.start()
             return s
         self.server = self.call(go())

@@ -34,15 +34,16 @@ def test_envelope_and_bodystructure():
     v = MessageView(MULTIPART)
     env = render(v.envelope())
     assert env.startswith(b'("Tue, 2 Jan 2024 03:04:05 +0100" "=?utf-8?q?caf=C3=A9_report?=" '
-                          b'(("Doe, John" NIL "john" "example.test") (NIL NIL "Group" NIL) '
-                          b'(NIL NIL "a" "x.test") (NIL NIL "b" "y.test") (NIL NIL NIL NIL))')
+                          b'(("Doe, John" NIL "john" "example.test")(NIL NIL "Group" NIL)'
+                          b'(NIL NIL "a" "x.test")(NIL NIL "b" "y.test")(NIL NIL NIL NIL))')
     assert env.endswith(b'NIL "<m1@example.test>")')
     bs = render(v.bodystructure())
-    assert bs.startswith(b'(("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 22 1 ')
+    assert bs.startswith(b'(("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 22 0 ')
     assert b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT" 51 (NIL "inner" ' in bs
     assert b'"BASE64" 4 NIL ("ATTACHMENT" ("FILENAME" "a.bin")) NIL NIL) "MIXED" ' \
            b'("BOUNDARY" "BOUND") NIL NIL NIL)' in bs
     assert render(v.bodystructure(False)).endswith(b'"BASE64" 4) "MIXED")')
+    assert b"NIL)(" in bs               # body-type-mpart: no space between parts
 
 
 def atoms(query: list) -> list:

@@ -47,8 +47,10 @@ class Harness:
         return f.read(f.messages[n])
 
     def close(self):
+        async def shut(srv):
+            srv.close()     # on the server's own loop: asyncio servers are not thread-safe
         for s in self.servers:
-            s.close()
+            self.lt.run(shut(s))
         self.lt.stop()
 
 

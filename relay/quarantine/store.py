@@ -65,7 +65,6 @@ from relay.quarantine.maildir import (  # noqa: F401 - re-exported: the store's 
     write_atomic,
 )
 from relay.quarantine.users import (  # noqa: F401 - re-exported: the store's API
-    DUMMY_HASH,
     USER_RE,
     LoginThrottle,
     User,
@@ -211,7 +210,10 @@ class QuarantineStore:
         if u is None:
             # Same work for unknown users, so timing does not tell which names exist.
             with contextlib.suppress(Exception):
-                self.verify_password(password, DUMMY_HASH)
+                # A real hash (relay.smtp.auth.dummy_hash): a malformed one would be
+                # refused at once and give the timing away.
+                from relay.smtp.auth import dummy_hash
+                self.verify_password(password, dummy_hash())
             return None
         try:
             ok = self.verify_password(password, u.password_hash)

@@ -22,8 +22,6 @@ from relay.config import QuarantineUser
 log = logging.getLogger("relay.quarantine")
 
 USER_RE = re.compile(r"[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]{0,63}")
-# Checked for unknown user names, so timing does not tell which names exist.
-DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 @dataclass(frozen=True)
 class User:

@@ -17,11 +17,12 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 
-from relay.quarantine.imap.proto import NIL, Atom
+from relay.quarantine.imap.proto import NIL, Atom, Raw, render
 
 MAX_DEPTH = 20          # MIME nesting; deeper parts are served as opaque bodies
 MAX_PARTS = 2000        # per message; beyond it the rest is one opaque body
 _HDR_END = re.compile(rb"\r?\n\r?\n")
+_CT_OK = re.compile(rb"\s*[!-~]+/[!-~]+\s*(;|$)")
 _FIELD = re.compile(rb"([^\x00-\x20\x7f:]+)[ \t]*:")
 
 
@@ -157,16 +158,20 @@ class MessageView:
 
     # -- sections (RFC 3501 6.4.5) --
     def part(self, path: list[int]) -> Part | None:
-        """Part by number (1-based path); a non-multipart message is its own part 1."""
-        p = self.root
+        """Part by number (1-based path). A part that is not multipart has one part
+        below it, itself, numbered 1, once (Dovecot's reading of RFC 3501 6.4.5: [1]
+        of a plain message is its body, [1.1] of a multipart's leaf is that leaf)."""
+        p, may_one = self.root, True
         for n in path:
             if p.message is not None and p.ctype == "message":
-                p = p.message
+                p, may_one = p.message, True
             if p.children:
                 if not 1 <= n <= len(p.children):
                     return None
-                p = p.children[n - 1]
-            elif n != 1:
+                p, may_one = p.children[n - 1], True
+            elif may_one and n == 1:
+                may_one = False
+            else:
                 return None
         return p
 
@@ -212,18 +217,24 @@ class MessageView:
                 h("message-id")]
 
     # -- BODYSTRUCTURE / BODY (RFC 3501 7.4.2) --
-    def bodystructure(self, extended: bool = True, p: Part | None = None) -> list:
+    def bodystructure(self, extended: bool = True, p: Part | None = None) -> list | Raw:
         p = p or self.root
         if p.ctype == "multipart":
-            out: list = [self.bodystructure(extended, c) for c in p.children]
-            out.append(p.subtype.upper().encode())
+            # body-type-mpart = 1*body SP media-subtype: the parts follow each other with
+            # no space between them (RFC 3501 9), unlike other lists.
+            rest: list = [p.subtype.upper().encode()]
             if extended:
-                out += [_param_list(p.params), _disposition(p), _language(p),
-                        _nstr(p.header("content-location"))]
-            return out
+                rest += [_param_list(p.params), _disposition(p), _language(p),
+                         _nstr(p.header("content-location"))]
+            return Raw(b"(" + b"".join(render(self.bodystructure(extended, c))
+                                       for c in p.children)
+                       + b" " + b" ".join(render(x) for x in rest) + b")")
         params = _param_list(p.params)
-        if p.header("content-type") is None and p.ctype == "text" and not params:
-            params = [b"CHARSET", b"US-ASCII"]
+        ct = p.header("content-type")
+        if p.ctype == "text" and p.subtype == "plain" and "charset" not in dict(p.params) and (
+                ct is None or _CT_OK.match(ct)):
+            # RFC 2045 5.2: plain text without a charset is US-ASCII (as Dovecot says it).
+            params = (params or []) + [b"CHARSET", b"US-ASCII"]
         body = self.data[p.body:p.end]
         enc = p.header("content-transfer-encoding")
         enc_s = enc.decode("ascii", "replace").strip().upper().encode() if enc else b"7BIT"
@@ -317,8 +328,8 @@ def _select_fields(head: bytes, names: set[str], negate: bool) -> bytes:
 
 
 def _lines(body: bytes) -> int:
-    n = body.count(b"\n")
-    return n + (1 if body and not body.endswith(b"\n") else 0)
+    # Line ends counted, as Dovecot and Cyrus do: a last line without one is not counted.
+    return body.count(b"\n")
 
 
 def _nstr(v: bytes | None):
@@ -393,13 +404,17 @@ def _addresses(v: bytes | None):
                     continue
                 local, at, domain = addr.rpartition("@")
                 if not at:
-                    local, domain = addr, None
+                    local, domain = addr, ""
+                # A NIL host marks group syntax (RFC 3501 7.4.2): a broken address gets
+                # placeholders instead, the words Dovecot uses.
                 nm = name.encode("utf-8", "surrogateescape") if name else None
-                out.append([nm, None, local.encode("utf-8", "surrogateescape") or None,
-                            domain.encode("utf-8", "surrogateescape") if domain else None])
+                out.append([nm, None,
+                            local.encode("utf-8", "surrogateescape") or b"MISSING_MAILBOX",
+                            domain.encode("utf-8", "surrogateescape") or b"MISSING_DOMAIN"])
             if group is not None:
                 out.append([None, None, None, None])
-        return out or None
+        # env-from etc. = "(" 1*address ")": addresses follow each other with no space.
+        return Raw(b"(" + b"".join(render(a) for a in out) + b")") if out else None
     except Exception:  # unparseable junk: NIL rather than a dropped connection
         return None
 

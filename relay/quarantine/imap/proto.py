@@ -328,9 +328,11 @@ class Literal(bytes):
 
 
 def string(value: bytes | str) -> bytes:
-    """A quoted string when safe, else a literal (CR, LF, NUL, 8-bit or long)."""
+    """A quoted string when safe, else a literal (CR, LF, 8-bit or long); NUL dropped."""
     b = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    if len(b) > 1024 or any(c in b for c in (0x0D, 0x0A, 0x00)) or any(c > 0x7E for c in b):
+    if 0 in b:      # NUL may appear in no IMAP string (RFC 3501 9: CHAR8 is %x01-ff)
+        b = b.replace(b"\0", b"")
+    if len(b) > 1024 or 0x0D in b or 0x0A in b or any(c > 0x7E for c in b):
         return b"{%d}\r\n" % len(b) + b
     return b'"' + b.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

@@ -451,30 +451,33 @@ class Session:
             raise Bad("LIST needs a reference and a pattern")
         ref, pat = _astr(cmd.args[0]), _astr(cmd.args[1])
         verb = "LSUB" if lsub else "LIST"
-        if len(pat) > 400 or len(ref) > 400:
+        if len(pat) > 255 or len(ref) > 255:
             raise Bad("Pattern too long")
         if pat == "" and not lsub:
             self.untagged(f'LIST (\\Noselect) "{DELIMITER}" ""')
             self._tagged(cmd.tag, "OK", "LIST completed")
             return
         pattern = ref + pat if not pat.startswith(DELIMITER) or not ref else ref + pat[1:]
+        # A run of wildcards holding a '*' matches what one '*' matches; '%%' is '%'.
+        pattern = re.sub(r"[*%]*\*[*%]*", "*", re.sub(r"%+", "%", pattern))
         folders = self.store.list_folders(self.user.name)
-        names = [n for n, _ in folders]
+        parents = set()
+        for name, _ in folders:
+            parts = name.split(DELIMITER)
+            parents.update(DELIMITER.join(parts[:i]) for i in range(1, len(parts)))
         subs = set(self.store.subscriptions(self.user.name)) if lsub else None
-        for name, selectable in folders:
-            test = name
-            pat_cmp = pattern
-            if name == INBOX:
-                pat_cmp = re.sub(r"(?i)^inbox", INBOX, pattern)
-            if not wildcard_match(pat_cmp, test):
-                continue
-            if subs is not None and name not in subs:
-                continue
-            attrs = []
-            if not selectable:
-                attrs.append("\\Noselect")
-            has_children = any(n.startswith(name + DELIMITER) for n in names)
-            attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
+        candidates = [(n, sel) for n, sel in folders if subs is None or n in subs]
+        inbox_pattern = re.sub(r"(?i)^inbox", INBOX, pattern)     # INBOX in any case
+
+        def select() -> list[tuple[str, bool]]:
+            return [(n, sel) for n, sel in candidates
+                    if wildcard_match(inbox_pattern if n == INBOX else pattern, n)]
+        # Matching is O(pattern x name) per folder: many folders go to a thread, so a
+        # crafted pattern never stalls other sessions.
+        matched = await asyncio.to_thread(select) if len(candidates) > 20 else select()
+        for name, selectable in matched:
+            attrs = [] if selectable else ["\\Noselect"]
+            attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
             self.untagged(f"{verb} ({' '.join(attrs)}) \"{DELIMITER}\" ".encode()
                           + render(name))
         self._tagged(cmd.tag, "OK", f"{verb} completed")
@@ -783,12 +786,15 @@ class Session:
             if msg is None:
                 continue
             kws = {x for x in msg.flags if x not in SYSTEM_FLAGS}
+            # Keywords are case-insensitive (RFC 3501 2.3.2): keep the spelling stored.
+            have = {x.lower(): x for x in msg.flags}
+            given = {have.get(x.lower(), x) for x in flags}
             if m.group(1) == "+":
-                new = msg.flags | flags
+                new = msg.flags | given
             elif m.group(1) == "-":
-                new = msg.flags - flags
+                new = msg.flags - given
             else:
-                new = flags
+                new = frozenset(given)
             if len({x for x in new if x not in SYSTEM_FLAGS} - kws) and len(
                     [x for x in new if x not in SYSTEM_FLAGS]) > MAX_KEYWORDS:
                 raise No("[LIMIT] Too many keywords")

@@ -13,6 +13,7 @@ RFCs: 3501 (6.4.5 FETCH, 6.3.8 LIST, 9 date-time), 4315 (uid-set).
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 import time
 
@@ -33,18 +34,20 @@ def imap_date(ts: float) -> str:
 
 
 def parse_datetime(s: str) -> float:
+    """APPEND's date-time ('01-Feb-2024 10:11:12 +0100', RFC 3501 9) -> timestamp."""
     m = re.fullmatch(r" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)",
                      s)
     months = {x.lower(): i for i, x in enumerate(MONTHS) if x}
     if not m or m.group(2).lower() not in months:
         raise Bad("Invalid date-time")
     try:
-        ts = calendar.timegm((int(m.group(3)), months[m.group(2).lower()], int(m.group(1)),
-                              int(m.group(4)), int(m.group(5)), int(m.group(6))))
-    except (ValueError, OverflowError):
+        dt = datetime.datetime(int(m.group(3)), months[m.group(2).lower()], int(m.group(1)),
+                               int(m.group(4)), int(m.group(5)), int(m.group(6)),
+                               tzinfo=datetime.UTC)
+    except ValueError:      # 31-Feb, hour 25, ...
         raise Bad("Invalid date-time") from None
     off = (int(m.group(8)) * 60 + int(m.group(9))) * 60
-    return float(ts - off if m.group(7) == "+" else ts + off)
+    return dt.timestamp() - off if m.group(7) == "+" else dt.timestamp() + off
 
 
 def wildcard_match(pattern: str, name: str) -> bool:
