@@ -106,6 +106,33 @@ def wants(notify: str | None, what: str) -> bool:
     return "NEVER" not in kinds and what in kinds
 
 
+class ByteBudget:
+    """Bytes of message held in memory by deliveries in flight (the message and its wire
+    form). A delivery waits until its share fits; one bigger than the whole budget runs
+    alone. So RSS stays bounded however large the queued messages are."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int):
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+# Two copies (stored bytes and wire form) of every message being delivered share this.
+DELIVERY_MEMORY = 128 * 1024 * 1024
+
+
 class Scheduler:
     def __init__(self, cfg: Config, spool: Any, resolver: Any,
                  bounce_fn: Callable[..., tuple[Envelope, bytes]] | None = None,
@@ -126,6 +153,7 @@ class Scheduler:
                                  self.d.data_timeout)
         self.helo_name = self.d.helo_name or cfg.fqdn
         self._global = asyncio.Semaphore(max(1, self.d.max_connections))
+        self._memory = ByteBudget(DELIVERY_MEMORY)
         self._dests: dict[str, _Destination] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._max_inflight = max(2, 2 * self.d.max_connections)
@@ -268,13 +296,14 @@ class Scheduler:
         due = [r for r in env.pending() if flush or r.next_attempt <= now]
         if not due:
             return
-        message = await self.spool.read(queue_id)
-        if count_received(message) > self.d.max_received_headers:
-            reply = local_reply(554, "5.4.6", "too many Received headers: mail forwarding loop")
-            outcomes = [_Outcome(r, reply, reason="loop") for r in due]
-        else:
-            outcomes = await self._deliver(env, due, message)
-        await self._settle(env, outcomes, message)
+        async with self._memory.hold(2 * env.size):
+            message = await self.spool.read(queue_id)
+            if count_received(message) > self.d.max_received_headers:
+                reply = local_reply(554, "5.4.6", "too many Received headers: mail forwarding loop")
+                outcomes = [_Outcome(r, reply, reason="loop") for r in due]
+            else:
+                outcomes = await self._deliver(env, due, message)
+            await self._settle(env, outcomes, message)
 
     async def _deliver(self, env: Envelope, due: list[Recipient], message: bytes) -> list[_Outcome]:
         groups: dict[Route, list[Recipient]] = {}
