@@ -15,7 +15,6 @@ import shutil
 import smtplib
 import subprocess
 import sys
-import textwrap
 import urllib.request
 from pathlib import Path
 
@@ -39,9 +38,12 @@ version = "0.0.1"
 [project.entry-points."relay.filters"]
 raiser = "relay_filter_misbehaving:Raiser"
 sleeper = "relay_filter_misbehaving:Sleeper"
+needsdep = "relay_filter_needsdep:Filter"
+notafilter = "relay_filter_misbehaving:NotAFilter"
+badinit = "relay_filter_misbehaving:BadInit"
 
 [tool.setuptools]
-py-modules = ["relay_filter_misbehaving"]
+py-modules = ["relay_filter_misbehaving", "relay_filter_needsdep"]
 """
 
 MISBEHAVING_MODULE = '''\
@@ -69,7 +71,22 @@ class Sleeper(Filter):
         if rcpt.startswith("slow"):
             await asyncio.sleep(3600)
         return CONTINUE
+
+
+class NotAFilter:
+    def __init__(self, options, env):
+        pass
+
+
+class BadInit(Filter):
+    name = "badinit"
+
+    def __init__(self, options, env):
+        raise ValueError("threshold must be positive")
 '''
+
+# A plugin whose own dependency is not installed.
+NEEDSDEP_MODULE = "import no_such_library_for_relay_tests  # noqa: F401\n"
 
 
 def pip_install(src: Path, target: Path) -> None:
@@ -92,6 +109,7 @@ def plugins(tmp_path_factory) -> Path:
     bad.mkdir()
     (bad / "pyproject.toml").write_text(MISBEHAVING_PYPROJECT)
     (bad / "relay_filter_misbehaving.py").write_text(MISBEHAVING_MODULE)
+    (bad / "relay_filter_needsdep.py").write_text(NEEDSDEP_MODULE)
     target = base / "site"
     pip_install(EXAMPLE, target)
     pip_install(bad, target)
@@ -209,6 +227,16 @@ def test_unknown_filter_name_stops_serve_before_listening(tmp_path, plugins):
     assert not spool.exists() or not any(spool.iterdir())
 
 
+@pytest.mark.parametrize("name", ["needsdep", "notafilter", "badinit"])
+def test_broken_plugin_is_a_config_error_naming_the_entry(tmp_path, plugins, name):
+    r = PluginRelay(tmp_path, conf({"name": "size"}, {"name": name}), plugins, start=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(plugins)])}
+    proc = subprocess.run([sys.executable, "-m", "relay", "check-config", str(r.config_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "config error: filters[1]" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("on_error", ["tempfail", "continue"])
 def test_raising_filter_tempfails_or_passes_and_the_session_survives(tmp_path, plugins,
                                                                      on_error):
@@ -263,4 +291,4 @@ def test_readme_section_names_the_real_commands():
     text = (EXAMPLE / "README.md").read_text()
     for needle in ('[project.entry-points."relay.filters"]', "relay.pipeline.protocol",
                    "Verdict.reject", "pip install", "on_error", "timeout"):
-        assert needle in textwrap.dedent(text), needle
+        assert needle in text, needle

@@ -41,6 +41,11 @@ def load(configs: tuple[FilterConfig, ...], env: FilterEnv) -> Chain:
         except LookupError:
             raise ConfigError(f"filters[{i}].name: no filter called {fc.name!r} (neither "
                               "built in nor installed in the 'relay.filters' entry-point group)") from None
+        except Exception as e:  # noqa: BLE001 - a plugin's import error is a config error
+            raise ConfigError(f"filters[{i}].name: cannot load filter {fc.name!r}: "
+                              f"{type(e).__name__}: {e}") from None
+        if not (inspect.isclass(cls) and issubclass(cls, Filter)):
+            raise ConfigError(f"filters[{i}].name: {fc.name!r} is not a relay Filter class")
         try:
             f = cls(fc.options, env)
         except ConfigError as e:
@@ -48,6 +53,8 @@ def load(configs: tuple[FilterConfig, ...], env: FilterEnv) -> Chain:
             if not msg.startswith(f"filters[{i}]"):
                 msg = f"filters[{i}].options: {msg.removeprefix(f'filters.{fc.name}.')}"
             raise ConfigError(msg) from None
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"filters[{i}].options: {type(e).__name__}: {e}") from None
         if not f.name:
             f.name = fc.name
         loaded.append(Loaded(f, fc))
