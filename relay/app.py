@@ -84,8 +84,8 @@ class App:
             # in-process); the SMTP listeners are shared by all workers.
             await self._start_mailbox_servers(ssl_ctx)
             await self._start_http()
-        self._tasks.append(asyncio.create_task(control.poll(self.spool, self._flush),
-                                               name="queue-control"))
+        self._tasks.append(asyncio.create_task(
+            control.poll(self.spool, self._flush, quiesce=self.quiesce), name="queue-control"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.config_path:
             with contextlib.suppress(OSError):
@@ -253,6 +253,16 @@ class App:
         return True
 
     # --- stopping ---------------------------------------------------------------------
+
+    async def quiesce(self) -> None:
+        """Before `relay queue drain` hands the queue away: stop taking mail (readiness
+        goes false as the listeners close) and stop delivering, so nothing changes
+        under the drain. The process keeps running until SIGTERM."""
+        metrics.DRAINING.set(1)
+        await asyncio.gather(*(s.drain(30.0) for s in self.smtp))
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
 
     async def drain_and_stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: readiness off first, stop accepting, let DATA finish, stop."""

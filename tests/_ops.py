@@ -74,18 +74,22 @@ class OpsRelay(RelayProcess):
              str(self.config_path)],
             cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         host, _, port = self.config["listeners"][0]["address"].rpartition(":")
+        hhost, _, hport = self.config["http"]["address"].rpartition(":")
         try:
             wait_port(host.strip("[]"), int(port))
+            # HTTP starts after the SMTP listeners: wait for it as well.
+            wait_port(hhost, int(hport))
         except TimeoutError:
             self.kill()
             raise RuntimeError("relay did not start:\n" + self.log()) from None
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 120,
+            config: Path | None = None) -> subprocess.CompletedProcess:
         """`relay ARGS -c <this config>` as the operator runs it."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("RELAY_CONFIG", None)
         return subprocess.run([sys.executable, "-m", "relay", *args, "-c",
-                               str(self.config_path)], cwd=self.dir, env=env,
+                               str(config or self.config_path)], cwd=self.dir, env=env,
                               capture_output=True, text=True, timeout=timeout)
 
     def running(self) -> bool:

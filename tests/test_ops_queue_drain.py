@@ -5,6 +5,7 @@ as the operator runs it."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -206,3 +207,36 @@ def test_quarantine_release_from_the_cli_enqueues(tmp_path, running):
             assert strip_trace(sink.messages[0].content) == body
             assert r.stop() == 0
             assert r.queued() == {}
+
+
+def test_drain_with_two_workers_empties_both_writers(tmp_path):
+    with OpsRelay(tmp_path, config(free_port(), workers=2)) as r, Peers() as peers:
+        qids = {send(r.smtp_port, "s@src.test", ["b@dst.test"], message(f"w {i}"))
+                for i in range(16)}
+        sink = Sink()
+        port = peers.add(sink)
+        p = r.cli("queue", "drain", "--to", f"127.0.0.1:{port}")
+        assert p.returncode == 0, p.stderr + r.log()
+        assert p.stdout.strip() == f"drained 16 messages to 127.0.0.1:{port}"
+        assert len(sink.messages) == 16
+        assert r.stop() == 0
+        # Each worker handed over its own writer's mail (the kernel spread the 16
+        # connections over both; all on one has odds of 2**-15).
+        pids = set(re.findall(r"relay\.queue\[(\d+)\]: INFO \w+: drained to", r.log()))
+        assert len(pids) == 2, r.log()
+        assert r.queued() == {} and len(qids) == 16
+
+
+def test_queue_ops_still_reach_a_running_relay(tmp_path):
+    """The control request grew fields (expiry, drain and enqueue ops): the plain ops
+    still go through the running worker."""
+    with OpsRelay(tmp_path, config(free_port())) as r:
+        qid = send(r.smtp_port, "s@src.test", ["b@dst.test"], message("op"))
+        p = r.cli("queue", "hold", qid)
+        assert (p.returncode, p.stdout.strip()) == (0, f"hold: 1 message(s): {qid}"), p.stderr
+        p = r.cli("queue", "list", "--json")
+        assert [(m["queue_id"], m["queue"]) for m in json.loads(p.stdout)] == [(qid, "hold")]
+        p = r.cli("queue", "delete", qid)
+        assert p.returncode == 0, p.stderr
+        assert r.stop() == 0
+        assert r.queued() == {}

@@ -115,29 +115,48 @@ class _Pipe(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _expire(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(TimeoutError())
+
     async def read_reply(self, seconds: float) -> Reply:
-        async with asyncio.timeout(seconds):
-            while True:
-                reply = self.parser.next_reply()
-                if reply is not None:
-                    return reply
-                if self.eof:
-                    raise ConnectionResetError("connection closed by next hop")
-                self._waiter = asyncio.get_running_loop().create_future()
+        """The next reply, waiting at most `seconds` in all. A reply already buffered
+        (pipelined answers) costs no timer; one is armed only when we must wait."""
+        loop = asyncio.get_running_loop()
+        deadline = None
+        while True:
+            reply = self.parser.next_reply()
+            if reply is not None:
+                return reply
+            if self.eof:
+                raise ConnectionResetError("connection closed by next hop")
+            if deadline is None:
+                deadline = loop.time() + seconds
+            self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, self._expire)
+            try:
                 await self._waiter
+            finally:
+                timer.cancel()
                 self._waiter = None
 
     async def write(self, data: bytes, seconds: float) -> None:
+        """Write all of `data` within `seconds` (flow control: waits only while the
+        transport is paused, so the common case arms no timer)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection closed")
-        async with asyncio.timeout(seconds):
-            view = memoryview(data)
-            for i in range(0, len(view), _WRITE_CHUNK):
+        deadline = asyncio.get_running_loop().time() + seconds
+        view = memoryview(data)
+        for i in range(0, len(view), _WRITE_CHUNK):
+            if not self._can_write.is_set():
+                async with asyncio.timeout_at(deadline):
+                    await self._can_write.wait()
+            if self.eof:
+                raise ConnectionResetError("connection closed by next hop")
+            self.transport.write(view[i:i + _WRITE_CHUNK])
+        if not self._can_write.is_set():
+            async with asyncio.timeout_at(deadline):
                 await self._can_write.wait()
-                if self.eof:
-                    raise ConnectionResetError("connection closed by next hop")
-                self.transport.write(view[i:i + _WRITE_CHUNK])
-            await self._can_write.wait()
 
 
 class Connection:

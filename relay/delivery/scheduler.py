@@ -501,12 +501,17 @@ class Scheduler:
         for action, rcpts in (("failed", failed), ("delayed", delayed)):
             if rcpts:
                 await self._notify(env, rcpts, action, message, now, remote)
-        await self.spool.update(env)
+        all_done = all(r.state is RcptState.DONE for r in env.recipients)
+        if not all_done:
+            # When every recipient is delivered the D record below is the whole durable
+            # outcome: an S record first would cost a second append per message, and a
+            # crash before the D record redelivers either way (at worst a repeat).
+            await self.spool.update(env)
         if not env.finished:
             # Look again when its earliest recipient is due (a scan may be planned later).
             self._scan_at = min(self._scan_at, env.next_attempt())
         else:
-            if all(r.state is RcptState.DONE for r in env.recipients):
+            if all_done:
                 MESSAGES_RELAYED.inc()
             await self.spool.remove(env.queue_id)
 

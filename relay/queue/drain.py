@@ -103,7 +103,7 @@ class DrainResult:
     sent: list[str] = field(default_factory=list)      # handed over and removed
     kept: list[str] = field(default_factory=list)      # still here: peer refused or gone
     held: list[str] = field(default_factory=list)      # on hold: never handed over
-    errors: list[str] = field(default_factory=list)    # why (one line each, no addresses)
+    errors: list[str] = field(default_factory=list)    # why, one line each
 
     def add(self, other: DrainResult) -> None:
         self.sent += other.sent
@@ -175,7 +175,8 @@ async def drain_spool(spool: Spool, peer: Peer) -> DrainResult:
             try:
                 conn = await session.get()
             except SessionError as e:
-                left = [e2.queue_id for e2 in envs[i:] if spool.get(e2.queue_id) is not None]
+                left = [q for q in (e2.queue_id for e2 in envs[i:])
+                        if (e3 := spool.get(q)) is not None and not e3.held]
                 res.kept += left
                 res.errors.append(f"cannot reach {peer}: {e.reply}")
                 log.error("drain to %s stopped, %d messages stay queued: %s", peer, len(left),

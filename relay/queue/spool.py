@@ -102,6 +102,7 @@ class Spool:
         self._lock_fd: int | None = None
         self.memory_in_use = 0          # bytes held by MessageWriters (budget)
         self._rehome: list[int] = []    # corrupt segments whose live messages move
+        self._gauges_pending = False
 
     # --- opening and recovery -----------------------------------------------------
 
@@ -167,7 +168,7 @@ class Spool:
             good_end = end
             try:
                 self._apply(seg, kind, payload, off)
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, struct.error) as e:
                 metrics.SPOOL_CORRUPT.inc()
                 log.error("spool %s: unreadable record at %d (%s), skipped", path, off, e)
         if good_end < seg.size:
@@ -248,6 +249,7 @@ class Spool:
             seg.path.rename(self.root / "corrupt" / seg.path.name)
             del self._segments[seq]
         self._rehome = []
+        self._gc()
 
     # --- writing ------------------------------------------------------------------
 
@@ -360,7 +362,7 @@ class Spool:
             seg.live.add(env.queue_id)
 
         await self._append(record, on_written)
-        self._update_gauges()
+        self._gauges_soon()
         if notify:
             for cb in self._subscribers:
                 cb(env)
@@ -385,14 +387,16 @@ class Spool:
             except OSError:
                 pass
         self._gc()
-        self._update_gauges()
+        self._gauges_soon()
 
     def _gc(self) -> None:
         """Delete the oldest segments while none of their messages is live."""
         assert self._active is not None
         for seq in sorted(self._segments):
             seg = self._segments[seq]
-            if seg is self._active or seg.live:
+            # A corrupt segment stays until its messages are rewritten and it is moved
+            # to corrupt/ (for a human), and pins the newer ones as a live one would.
+            if seg is self._active or seg.live or seq in self._rehome:
                 break
             os.close(seg.fd)
             seg.path.unlink(missing_ok=True)
@@ -504,6 +508,17 @@ class Spool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _gauges_soon(self) -> None:
+        """Refresh the queue gauges shortly: one walk of every entry per message would
+        make the per-message cost grow with the queue (coalesced, at most twice a second)."""
+        if not self._gauges_pending:
+            self._gauges_pending = True
+            asyncio.get_running_loop().call_later(0.5, self._gauges_now)
+
+    def _gauges_now(self) -> None:
+        self._gauges_pending = False
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         counts = {q: 0 for q in (QueueName.ACTIVE, QueueName.DEFERRED, QueueName.HOLD)}

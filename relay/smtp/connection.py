@@ -87,24 +87,41 @@ class Connection(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
-    async def _wait(self) -> None:
+    async def _wait(self, deadline: float | None = None) -> None:
+        """Wait for more input (flushing replies first). With a deadline (loop time),
+        raise TimeoutError when it passes: the timer exists only while we really wait,
+        which is cheaper than an asyncio.timeout() around every pipelined command."""
         if self._eof:
             raise ConnectionResetError("connection closed by peer")
-        await self.flush()
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
-            await self._waiter
+            await self.flush()
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         finally:
-            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
-    async def readline(self, limit: int) -> bytes:
+    def _expire(self) -> None:
+        for fut in (self._waiter, self._drain_waiter):
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError())
+
+    async def readline(self, limit: int, timeout: float | None = None) -> bytes:
         """One line including its LF. Raises LineTooLong after discarding the rest of
-        an over-long line (so the next command is read cleanly)."""
+        an over-long line (so the next command is read cleanly); TimeoutError when the
+        whole line has not arrived within `timeout` seconds."""
         start = 0
         too_long = False
+        deadline = None
         while True:
             i = self._buf.find(b"\n", start)
             if i >= 0:
@@ -117,14 +134,20 @@ class Connection(asyncio.Protocol):
                 too_long = True
                 del self._buf[:]
             start = len(self._buf)
-            await self._wait()
+            if timeout is not None and deadline is None:
+                deadline = asyncio.get_running_loop().time() + timeout
+            await self._wait(deadline)
 
-    async def read(self, n: int = 65536) -> bytes:
-        """Whatever is buffered (up to n), waiting for at least one byte; b'' at EOF."""
+    async def read(self, n: int = 65536, timeout: float | None = None) -> bytes:
+        """Whatever is buffered (up to n), waiting for at least one byte (at most
+        `timeout` seconds, then TimeoutError); b'' at EOF."""
+        deadline = None
         while not self._buf:
             if self._eof:
                 return b""
-            await self._wait()
+            if timeout is not None and deadline is None:
+                deadline = asyncio.get_running_loop().time() + timeout
+            await self._wait(deadline)
         if len(self._buf) <= n:
             data = bytes(self._buf)
             self._buf.clear()

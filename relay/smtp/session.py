@@ -39,6 +39,18 @@ from relay.smtp.proto import Reply, SyntaxErr
 log = logging.getLogger("relay.smtp")
 
 
+_REPLY_COUNTERS: dict[tuple[str, int], object] = {}
+
+
+def _reply_counter(stage: str, code: int):
+    """The SMTP_REPLIES child for (stage, code): .labels() costs more than the reply."""
+    c = _REPLY_COUNTERS.get((stage, code))
+    if c is None:
+        c = _REPLY_COUNTERS[(stage, code)] = metrics.SMTP_REPLIES.labels(
+            stage, metrics.reply_class(code))
+    return c
+
+
 @dataclass
 class Transaction:
     queue_id: str
@@ -73,7 +85,7 @@ class Session:
 
     def reply(self, r: Reply, stage: str) -> None:
         self.conn.write(r.render())
-        metrics.SMTP_REPLIES.labels(stage, metrics.reply_class(r.code)).inc()
+        _reply_counter(stage, r.code).inc()
         if r.code >= 500 and stage not in ("data",):
             self.errors += 1
 
@@ -173,8 +185,8 @@ class Session:
                 log.warning("too many errors from %s", self._client())
                 return
             try:
-                async with asyncio.timeout(self.cfg.smtp.command_timeout):
-                    line = await self.conn.readline(proto.MAX_COMMAND_LINE)
+                line = await self.conn.readline(proto.MAX_COMMAND_LINE,
+                                                self.cfg.smtp.command_timeout)
             except LineTooLong:
                 self.reply(proto.R_CMD_TOO_LONG, "command")
                 continue
@@ -226,7 +238,7 @@ class Session:
             lines = self._ehlo_lines()
             out = [f"250-{x}\r\n" for x in lines[:-1]] + [f"250 {lines[-1]}\r\n"]
             self.conn.write("".join(out).encode())
-            metrics.SMTP_REPLIES.labels("helo", "2xx").inc()
+            _reply_counter("helo", 250).inc()
         else:
             self.reply(Reply(250, "", srv.hostname), "helo")
 
@@ -471,8 +483,7 @@ class Session:
         storage_error: Exception | None = None
         try:
             while not reader.done:
-                async with asyncio.timeout(self.cfg.smtp.data_timeout):
-                    chunk = await self.conn.read(1 << 16)
+                chunk = await self.conn.read(1 << 16, self.cfg.smtp.data_timeout)
                 if not chunk:
                     raise ConnectionResetError("connection lost in DATA")
                 pieces, rest = reader.feed(chunk)
@@ -484,10 +495,12 @@ class Session:
                         storage_error = e
                 if reader.done and rest:
                     self.conn.unread(rest)
+            reply = await self._finish_data(txn, reader, writer, storage_error)
+            self.reply(reply, "data")
         finally:
+            # Only now is the transaction over: a drain must not answer 421 to a session
+            # whose message is being committed (the client would send it again).
             self.in_data = False
-        reply = await self._finish_data(txn, reader, writer, storage_error)
-        self.reply(reply, "data")
         self._writer = None
         self._reset()
 
@@ -540,30 +553,30 @@ class Session:
                              srv.authres.render(srv.hostname, self.ctx.auth_results)))
         new_head = "".join(f"{k}: {v}\r\n" for k, v in added).encode("utf-8", "replace")
         new_head += self._received(txn).encode("utf-8", "replace")
-        if verdict is not None and verdict.action is Action.DISCARD:
-            writer.abort()
-            metrics.MESSAGES_DISCARDED.labels(verdict.filter or "unknown").inc()
-            log.info("%s: discard: %s (filter %s)", qid, verdict.reason, verdict.filter)
-            return Reply(250, "2.0.0", f"Ok: queued as {qid}")
         try:
-            if verdict is not None and verdict.action is Action.QUARANTINE:
+            if verdict is not None and verdict.action is Action.DISCARD:
+                writer.abort()
+                metrics.MESSAGES_DISCARDED.labels(verdict.filter or "unknown").inc()
+                log.info("%s: discard: %s (filter %s)", qid, verdict.reason, verdict.filter)
+            elif verdict is not None and verdict.action is Action.QUARANTINE:
                 message = new_head + await self.ctx.message()
                 writer.abort()
                 await srv.quarantine(env, message, verdict)
                 metrics.MESSAGES_QUARANTINED.labels(verdict.filter or "unknown").inc()
                 log.info("%s: quarantine: mailbox=%s filter=%s reason=%s", qid, verdict.mailbox,
                          verdict.filter, verdict.reason)
-                return Reply(250, "2.0.0", f"Ok: queued as {qid}")
-            await writer.commit(env, new_head + head)
+            else:
+                await writer.commit(env, new_head + head)
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", qid, txn.sender,
+                         env.size, len(env.recipients))
         except SpoolFull:
             return proto.R_STORAGE_FULL
         except (SpoolError, OSError) as e:
             log.error("%s: cannot store message: %s", qid, e)
             return proto.R_STORAGE
+        # Every 250 after DATA counts as received, whether queued, held or dropped.
         metrics.MESSAGES_RECEIVED.labels(self.lcfg.name).inc()
         metrics.RECEIVED_BYTES.inc(env.size)
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", qid, txn.sender, env.size,
-                 len(env.recipients))
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
     def _received(self, txn: Transaction) -> str:
