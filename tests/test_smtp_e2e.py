@@ -346,3 +346,27 @@ def test_sigkill_under_load_loses_no_accepted_message(tmp_path):
     r.start()
     assert r.stop() == 0
     assert set(accepted) <= set(r.queued())
+
+
+def test_client_talking_before_the_greeting_is_refused(tmp_path):
+    """As Postfix's postscreen pregreet test. A DNSBL lookup at connect that takes a
+    while (its DNS never answers) gives the early talker time to show itself."""
+    import socket
+
+    from _dns import FakeDNS
+    with FakeDNS(drop=["1.0.0.127.bl.test"]) as dns:
+        conf = cfg(filters=[{"name": "dnsbl", "options": {
+                       "zones": [{"zone": "bl.test"}], "skip_trusted": False}}],
+                   delivery={"enabled": False, "resolvers": [f"{dns.host}:{dns.port}"],
+                             "dns_timeout": 1})
+        with RelayProcess(tmp_path, conf) as r:
+            s = socket.create_connection(("127.0.0.1", r.smtp_port), timeout=10)
+            s.sendall(b"EHLO bot\r\nMAIL FROM:<a@x.test>\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            assert data.startswith(b"554 5.5.1"), data
+            assert b"250" not in data
+            # A client that waits for the greeting is served normally.
+            with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10) as c:
+                assert c.ehlo()[0] == 250

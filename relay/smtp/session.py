@@ -175,6 +175,14 @@ class Session:
             self.reply(Reply(554 if v.action is Action.REJECT else 421, v.enhanced, v.text),
                        "connect")
             return
+        if self.cfg.smtp.reject_early_talkers and self.conn.buffered and self.lcfg.role != "smtps":
+            # RFC 5321 4.3.1: the client waits for the greeting. Bytes already here came
+            # from a client that did not (a spambot's fire-and-forget, or pipelining
+            # abuse): as Postfix's postscreen pregreet test, refuse it.
+            metrics.CONNECTIONS.labels(self.lcfg.name, "early_talker").inc()
+            log.warning("connect from [%s]: talked before the greeting; disconnected", self.ip)
+            self.reply(Reply(554, "5.5.1", "Error: talked before the greeting"), "connect")
+            return
         self.reply(Reply(220, "", f"{srv.hostname} {self.cfg.smtp.banner}"), "connect")
         while not self.quit:
             if srv.draining and not self.in_data:
