@@ -36,6 +36,7 @@ from relay.pipeline.protocol import (
     FilterEnv,
     Stage,
     Verdict,
+    parse_ip,
 )
 
 log = logging.getLogger("relay.filters.access")
@@ -96,15 +97,6 @@ class AccessOptions:
 
 
 # --- matching ------------------------------------------------------------------------
-
-def client_address(ip: str) -> IPAddr | None:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _best_prefix(addr: IPAddr, nets: Iterable[Network]) -> int:
@@ -340,7 +332,7 @@ class AccessFilter(Filter):
         self.stages = frozenset(stages)
 
     async def on_connect(self, ctx: Context) -> Verdict:
-        addr = client_address(ctx.client_ip)
+        addr = parse_ip(ctx.client_ip)
         decision = network_decision(addr, self.opts.client) if addr else None
         if decision == "allow":
             return Verdict.accept()
@@ -352,7 +344,7 @@ class AccessFilter(Filter):
     async def on_helo(self, ctx: Context) -> Verdict:
         if ctx.trusted and self.opts.helo.skip_trusted:
             return CONTINUE
-        v = helo_problem(ctx.helo.strip(), client_address(ctx.client_ip), self.opts.helo,
+        v = helo_problem(ctx.helo.strip(), parse_ip(ctx.client_ip), self.opts.helo,
                          self.own)
         if v is None:
             return CONTINUE

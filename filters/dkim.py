@@ -29,7 +29,6 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.header import Header, decode_header
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +49,7 @@ from relay.pipeline.protocol import (
     FilterEnv,
     Stage,
     Verdict,
+    header_text,
 )
 
 log = logging.getLogger("relay.dkim")
@@ -348,15 +348,6 @@ def _make_signer(cfg: SigningKey, key: str) -> _Signer:
                    _load_key(cfg, key), headers, oversign, cfg.subdomains)
 
 
-def _field_text(value: Any) -> str:
-    """A header value as text. The compat32 parser wraps 8-bit values (SMTPUTF8
-    mail, RFC 6532) in a Header whose str() loses them; take the raw octets as UTF-8.
-    Encoded words are left alone: they never make an address."""
-    if isinstance(value, Header):
-        return "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p
-                       for p, _ in decode_header(value))
-    return str(value)
-
 
 def from_domain(headers: Any) -> str | None:
     """The domain of the one author address, or None when there is not exactly one
@@ -364,7 +355,7 @@ def from_domain(headers: Any) -> str | None:
     fields = headers.get_all("From") or []
     if len(fields) != 1:
         return None
-    addrs = [a for _, a in getaddresses([_field_text(fields[0])]) if a]
+    addrs = [a for _, a in getaddresses([header_text(fields[0])]) if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     dom = addrs[0].rsplit("@", 1)[1].strip().strip("<>").lower().rstrip(".")

@@ -24,7 +24,6 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.header import Header, decode_header
 from email.utils import getaddresses
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +41,7 @@ from relay.pipeline.protocol import (
     FilterEnv,
     Stage,
     Verdict,
+    header_text,
 )
 
 log = logging.getLogger("relay.dmarc")
@@ -146,15 +146,6 @@ def aligned(a: str, b: str, mode: str) -> bool:
     return a == b if mode == "s" else org_domain(a) == org_domain(b)
 
 
-def _field_text(value: Any) -> str:
-    """A header value as text. The compat32 parser wraps 8-bit values (SMTPUTF8
-    mail, RFC 6532) in a Header whose str() loses them; take the raw octets as UTF-8.
-    Encoded words are left alone: they never make an address."""
-    if isinstance(value, Header):
-        return "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p
-                       for p, _ in decode_header(value))
-    return str(value)
-
 
 def _spf_domain(props: dict[str, str], null_sender: bool) -> str:
     # RFC 8601 allows smtp.mailfrom to be the whole address; alignment needs the domain.
@@ -168,7 +159,7 @@ def author_domain(headers: Any) -> tuple[str | None, str]:
     fields = headers.get_all("From") or []
     if len(fields) != 1:
         return None, f"{len(fields)} From fields"
-    addrs = [a for _, a in getaddresses([_field_text(fields[0])]) if a]
+    addrs = [a for _, a in getaddresses([header_text(fields[0])]) if a]
     if len(addrs) != 1:
         return None, f"{len(addrs)} From addresses"
     local, at, dom = addrs[0].rpartition("@")

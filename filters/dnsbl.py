@@ -33,6 +33,7 @@ from relay.pipeline.protocol import (
     Resolver,
     Stage,
     Verdict,
+    parse_ip,
 )
 
 log = logging.getLogger("relay.filters.dnsbl")
@@ -91,15 +92,6 @@ def query_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str) -> 
     rev = ip.reverse_pointer
     return rev[: rev.rindex(".in-addr.arpa" if ip.version == 4 else ".ip6.arpa")] + "." + zone
 
-
-def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
 
 
 class DNSBLFilter(Filter):
@@ -161,7 +153,7 @@ class DNSBLFilter(Filter):
 
     async def lookup(self, ip: str, resolver: Resolver) -> tuple[Listing | None, str | None]:
         """(the deciding listing or None, the zone whose DNS failed first or None)."""
-        addr = client_address(ip)
+        addr = parse_ip(ip)
         if addr is None:
             return None, None
         zones = [z for z in self.zones if addr.version == 4 or z.ipv6]

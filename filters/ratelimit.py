@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from relay.config import ConfigError, Duration, Network, parse_section
-from relay.pipeline.protocol import CONTINUE, Context, Filter, FilterEnv, Stage, Verdict
+from relay.pipeline.protocol import (
+    CONTINUE,
+    Context,
+    Filter,
+    FilterEnv,
+    Stage,
+    Verdict,
+    parse_ip,
+)
 
 log = logging.getLogger("relay.filters.ratelimit")
 
@@ -132,23 +140,14 @@ class RateLimitFilter(Filter):
             return True
         if not self.opts.exempt:
             return False
-        addr = self._addr(ctx.client_ip)
+        addr = parse_ip(ctx.client_ip)
         return addr is not None and any(addr in n.net for n in self.opts.exempt
                                         if n.net.version == addr.version)
 
-    @staticmethod
-    def _addr(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            return addr.ipv4_mapped
-        return addr
 
     def _key(self, ctx: Context, kind: str) -> str | None:
         if kind == "client_ip":
-            addr = self._addr(ctx.client_ip)
+            addr = parse_ip(ctx.client_ip)
             if addr is None:
                 return ctx.client_ip
             if addr.version == 6:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import enum
+import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from email.header import Header, decode_header
 from email.message import Message
 from typing import Any
 
@@ -85,6 +87,31 @@ class Verdict:
 
 
 CONTINUE = Verdict()
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(ip: str) -> IPAddress | None:
+    """A client address as ipaddress; an IPv4-mapped IPv6 address (a dual-stack
+    socket's view of an IPv4 client) as the IPv4 address it is. None if unparsable."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def header_text(value: Any) -> str:
+    """A header value from ctx.headers() as text. The compat32 parser wraps 8-bit values
+    (SMTPUTF8 mail, RFC 6532) in a Header whose str() loses them; take the raw octets as
+    UTF-8. Encoded words are left alone: they never make an address."""
+    if isinstance(value, Header):
+        return "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p
+                       for p, _ in decode_header(value))
+    return str(value)
 
 
 @dataclass(frozen=True)

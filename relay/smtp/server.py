@@ -11,7 +11,6 @@ same address with SO_REUSEPORT and the kernel spreads connections among them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import ssl
@@ -21,7 +20,7 @@ from typing import Any
 from relay import metrics
 from relay.config import Config, ListenerConfig
 from relay.pipeline.chain import Chain
-from relay.pipeline.protocol import Resolver, Verdict
+from relay.pipeline.protocol import Resolver, Verdict, parse_ip
 from relay.queue.model import Envelope
 from relay.queue.spool import Spool
 from relay.smtp.connection import Connection
@@ -88,13 +87,8 @@ class SMTPServer:
 
     @staticmethod
     def _in(ip: str, nets: list) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in nets)
+        addr = parse_ip(ip)
+        return addr is not None and any(addr in n for n in nets)
 
     def in_mynetworks(self, ip: str) -> bool:
         return self._in(ip, self._mynetworks)
