@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -231,8 +232,9 @@ class App:
         return False
 
     def reload(self) -> bool:
-        """Reload what can change without a restart: filters and users. A broken
-        config is refused and the old one stays."""
+        """Reload what can change without a restart: filters, maps (mynetworks,
+        relay_domains, transport, relayhost), users, limits. A broken config is refused
+        and the old one stays."""
         try:
             cfg = config_mod.load(self.config_path)
             chain = loader.load(cfg.filters, self._filter_env(cfg))
@@ -243,9 +245,17 @@ class App:
             return False
         old = self.chain
         self.chain = chain
+        self.cfg = cfg
         for s in self.smtp:
             s.chain = chain
             s.authenticator = authenticator
+            s.update(cfg)
+        if self.scheduler is not None:
+            from relay.delivery.route import Router
+            self.scheduler.router = Router(cfg.delivery)       # transport map, relayhost
+        if self.store is not None:
+            # Users and retention; the store's location needs a restart.
+            self.store.cfg = dataclasses.replace(cfg.quarantine, path=self.store.cfg.path)
         if old is not None:
             asyncio.get_running_loop().create_task(old.close())
         metrics.CONFIG_RELOADS.labels("success").inc()

@@ -79,6 +79,12 @@ class SMTPServer:
         self.draining = False
         self.sessions: set[Session] = set()
         self._server: asyncio.AbstractServer | None = None
+        self.update(cfg)
+
+    def update(self, cfg: Config) -> None:
+        """Take a reloaded config: limits and access maps apply to new sessions (the
+        listener's address and role need a restart)."""
+        self.cfg = cfg
         self._mynetworks = _networks(cfg.access.mynetworks)
         self._proxies = _networks(cfg.proxy_protocol.trusted)
         self._domains = [d.lower() for d in cfg.access.relay_domains]
