@@ -468,8 +468,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     if not cfg.delivery.retry_schedule:
         raise ConfigError("delivery.retry_schedule: needs at least one interval")
-    if not cfg.filters or not all(f.name for f in cfg.filters):
-        pass
+    from relay.smtp.auth import is_valid_hash   # the one place that knows hash formats
+    for i, u in enumerate(cfg.quarantine.users):
+        if not is_valid_hash(u.password_hash):
+            raise ConfigError(f"quarantine.users[{i}].password_hash: not a hash made by "
+                              "`relay passwd` ($scrypt$...)")
+    for i, f in enumerate(cfg.filters):
+        if not f.name:
+            raise ConfigError(f"filters[{i}].name: must not be empty")
 
 
 def load(path: str | os.PathLike | None = None,

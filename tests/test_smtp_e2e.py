@@ -370,3 +370,11 @@ def test_client_talking_before_the_greeting_is_refused(tmp_path):
             # A client that waits for the greeting is served normally.
             with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10) as c:
                 assert c.ehlo()[0] == 250
+
+
+def test_check_config_refuses_a_malformed_password_hash(tmp_path):
+    from relay.config import ConfigError, load
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quarantine:\n  users:\n    - {name: bob, password_hash: secret}\n")
+    with pytest.raises(ConfigError, match=r"quarantine.users\[0\].password_hash"):
+        load(bad, environ={})
