@@ -179,6 +179,8 @@ class SMTPConfig:
     # RFC 5321 4.5.3.2: 5 minutes for commands, 10 for DATA blocks.
     command_timeout: Duration = Duration(300)
     data_timeout: Duration = Duration(600)
+    # A TLS handshake (STARTTLS or implicit) must finish within this, or the slot is freed.
+    tls_handshake_timeout: Duration = Duration(10)
     # Smuggling defence (as Postfix's smtpd_forbid_bare_newline): reject a bare CR
     # or LF in DATA; 'normalize' turns them into CRLF instead.
     bare_newline: Literal["reject", "normalize"] = "reject"
@@ -468,7 +470,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     if not cfg.delivery.retry_schedule:
         raise ConfigError("delivery.retry_schedule: needs at least one interval")
-    from relay.smtp.auth import is_valid_hash   # the one place that knows hash formats
+    from relay.smtp.auth import is_valid_hash  # the one place that knows hash formats
     for i, u in enumerate(cfg.quarantine.users):
         if not is_valid_hash(u.password_hash):
             raise ConfigError(f"quarantine.users[{i}].password_hash: not a hash made by "

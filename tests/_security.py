@@ -113,6 +113,7 @@ class RawHop:
         self.connections = 0
         self.received: list[bytearray] = []
         self.delivered: list[bytes] = []
+        self.commands: list[bytes] = []       # command verbs good_session parsed
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(target=self._run, daemon=True)
@@ -160,6 +161,7 @@ class RawHop:
         while True:
             line = self.recv_line(conn, n, buf)
             verb = line[:4].upper()
+            self.commands.append(verb)
             if verb == b"EHLO":
                 conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
             elif verb == b"DATA":
@@ -221,13 +223,15 @@ def wait_for(cond: Callable[[], bool], limit: float = 30.0, what: str = "conditi
         time.sleep(0.05)
 
 
-def tally(name: str, sent: int, accepted: set[str], delivered: collections.Counter) -> dict:
-    """The row of SECURITY.md's table for one run (printed; visible with pytest -s)."""
-    lost = sorted(t for t in accepted if delivered[t] == 0)
+def tally(name: str, sent: int, accepted: set[str] | dict, delivered: collections.Counter,
+          queued: set[str] = frozenset()) -> dict:
+    """The row of SECURITY.md's table for one run (printed; visible with pytest -s).
+    `queued`: accepted messages still (rightly) waiting in the queue: not lost."""
+    lost = sorted(t for t in accepted if delivered[t] == 0 and t not in queued)
     dup = sum(c - 1 for c in delivered.values() if c > 1)
     row = {"test": name, "sent": sent, "accepted": len(accepted),
-           "delivered": sum(1 for t in accepted if delivered[t]), "lost": len(lost),
-           "duplicated": dup}
+           "delivered": sum(1 for t in accepted if delivered[t]), "queued": len(queued),
+           "lost": len(lost), "duplicated": dup}
     print(f"\nTALLY {row}")
     return row
 

@@ -200,7 +200,7 @@ def test_admin_sees_reason_folders_and_user_isolation(srv):
         c.login("alice", "wrong")
     with pytest.raises(imaplib.IMAP4.error):
         c.login("nosuchuser", "x")
-    assert srv.store.throttle.delay("127.0.0.1") > 0
+    assert srv.store.throttle.delay_for("127.0.0.1") > 0
     c.logout()
 
 

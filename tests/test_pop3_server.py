@@ -336,11 +336,11 @@ def test_failed_logins_are_throttled_and_end_the_session(h, caplog):
                 p.pass_("guess")
             except poplib.error_proto as e:
                 assert b"[AUTH]" in e.args[0]
-    assert h.store.throttle.delay("127.0.0.1") > 0
+    assert h.store.throttle.delay_for("127.0.0.1") > 0
     assert sum("pop3 login failed user='bob' ip=127.0.0.1" in r.getMessage()
                for r in caplog.records) == 3
     # max_auth_failures (3) reached: the server hung up
     with pytest.raises((poplib.error_proto, OSError, EOFError)):
         p.user("bob")
-    h.store.throttle.success("127.0.0.1")
+    h.store.throttle.record_success("127.0.0.1")
     login(port).quit()

@@ -216,7 +216,7 @@ def test_throttle_memory_is_bounded():
     a.record_failure("198.51.100.1")
     for i in range(1000):
         a.record_failure(f"10.0.{i // 256}.{i % 256}")
-    assert len(a._failures) == 100
+    assert len(a.throttle._failures) == 100
     assert a.delay_for("198.51.100.1") == 0  # the oldest was evicted
     assert a.delay_for("10.0.3.231") == 1     # the newest is remembered
 

@@ -124,3 +124,13 @@ def test_stuffing_roundtrip(tokens, step):
             break
     assert r.done and rest == b""
     assert (r.finish_head() or b"") + b"".join(out) == original
+
+
+def test_header_section_over_the_limit_is_refused():
+    from relay.smtp.data import HEADER_LIMIT
+    r = DataReader(max_size=10 * HEADER_LIMIT)
+    line = b"X-F: " + b"f" * 990 + b"\r\n"
+    for _ in range(HEADER_LIMIT // len(line) + 2):
+        r.feed(line)
+    r.feed(b"\r\nbody\r\n.\r\n")
+    assert r.done and r.error is DataError.HEADER_TOO_BIG

@@ -66,7 +66,6 @@ from relay.quarantine.maildir import (  # noqa: F401 - re-exported: the store's 
 )
 from relay.quarantine.users import (  # noqa: F401 - re-exported: the store's API
     USER_RE,
-    LoginThrottle,
     User,
     default_verify,
     from_config,
@@ -174,7 +173,9 @@ class QuarantineStore:
         for d in (self.root / "users", self.root / "meta"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         make_maildir(self.root / "unowned")
-        self.throttle = LoginThrottle()
+        from relay.smtp.auth import Throttle
+        # Shared by IMAP and POP3 logins.
+        self.throttle = Throttle(base_delay=0.5, max_delay=8.0, window=600.0)
         self._load_users_file()
         self._set_gauge()
 

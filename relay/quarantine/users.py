@@ -3,7 +3,7 @@
 Takes QuarantineConfig.users and the lines of QuarantineConfig.users_file
 (`name:hash[:admin][:addr,addr]`) and hands on User values (which recipient addresses
 each owns; admins see everything) to the store and the IMAP/POP3 servers, plus a
-per-IP LoginThrottle both servers share. Trusts nothing in the users file: bad lines
+per-client login Throttle (relay.smtp.auth) both servers share. Trusts nothing in the users file: bad lines
 are skipped with a warning, names are restricted to a safe set (they become directory
 names). Password hashes are checked by relay.smtp.auth.verify_password (imported
 lazily; another part owns hashing).
@@ -11,10 +11,8 @@ lazily; another part owns hashing).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from dataclasses import dataclass
 
 from relay.config import QuarantineUser
@@ -59,37 +57,6 @@ def parse_users_file(text: str) -> list[User]:
 def default_verify(password: str, stored: str) -> bool:
     from relay.smtp.auth import verify_password  # another part owns hashing; lazy import
     return bool(verify_password(password, stored))
-
-
-class LoginThrottle:
-    """Slows down password guessing per client IP: each recent failure adds a delay
-    (doubling, capped), forgotten after `window` seconds. Shared by IMAP and POP3."""
-
-    def __init__(self, base: float = 0.5, cap: float = 8.0, window: float = 600.0) -> None:
-        self.base, self.cap, self.window = base, cap, window
-        self._fails: dict[str, tuple[int, float]] = {}
-
-    def delay(self, ip: str) -> float:
-        n, last = self._fails.get(ip, (0, 0.0))
-        if not n or time.monotonic() - last > self.window:
-            return 0.0
-        return min(self.cap, self.base * (2 ** (n - 1)))
-
-    async def wait(self, ip: str) -> None:
-        d = self.delay(ip)
-        if d:
-            await asyncio.sleep(d)
-
-    def failure(self, ip: str) -> None:
-        n, last = self._fails.get(ip, (0, 0.0))
-        if time.monotonic() - last > self.window:
-            n = 0
-        self._fails[ip] = (n + 1, time.monotonic())
-        if len(self._fails) > 10000:      # bounded memory under a distributed attack
-            self._fails.pop(next(iter(self._fails)))
-
-    def success(self, ip: str) -> None:
-        self._fails.pop(ip, None)
 
 
 def from_config(u: QuarantineUser) -> User:

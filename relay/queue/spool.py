@@ -77,7 +77,15 @@ class _Entry:
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
-    return _HDR.pack(MAGIC, kind, len(payload), zlib.crc32(kind + payload)) + payload
+    return _HDR.pack(MAGIC, kind, len(payload), zlib.crc32(payload, zlib.crc32(kind))) + payload
+
+
+def _frame_parts(kind: bytes, parts: list[bytes]) -> bytes:
+    """_frame of b"".join(parts), built with a single copy of the (large) body."""
+    crc = zlib.crc32(kind)
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return b"".join([_HDR.pack(MAGIC, kind, sum(map(len, parts)), crc), *parts])
 
 
 class _Segment:
@@ -340,7 +348,7 @@ class Spool:
         w.write(message)
         await w.commit(env, b"")
 
-    async def _commit_message(self, env: Envelope, head: bytes, body: bytes | None,
+    async def _commit_message(self, env: Envelope, head: bytes, body: bytes | list[bytes] | None,
                               external: bool, body_len: int, notify: bool = True) -> None:
         meta = env.to_json()
         if external:
@@ -348,7 +356,11 @@ class Spool:
             meta["body_len"] = body_len
         j = json.dumps(meta, separators=(",", ":")).encode()
         payload_prefix = _U32.pack(len(j)) + j + _U32.pack(len(head)) + head
-        record = _frame(b"M", payload_prefix + (body or b""))
+        if body is None:
+            body = []
+        elif isinstance(body, bytes):
+            body = [body]
+        record = _frame_parts(b"M", [payload_prefix, *body])
         seg_holder: list[int] = []
 
         def on_written(off: int) -> None:
@@ -595,7 +607,7 @@ class MessageWriter:
                 await asyncio.to_thread(_sync_close, f)
                 await self.spool._commit_message(env, head, None, True, self.size)
             else:
-                body = b"".join(self._buf)
+                body = self._buf            # joined once, into the record
                 self._release_memory()
                 await self.spool._commit_message(env, head, body, False, self.size)
         except OSError as e:

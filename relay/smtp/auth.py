@@ -160,20 +160,17 @@ def _verify_or_dummy(password: str, stored: str | None) -> bool:
     return verify_password(password, stored if stored is not None else dummy_hash())
 
 
-class Authenticator:
-    """The configured users plus a per-client failure throttle.
+class Throttle:
+    """Slows password guessing per client: an IPv4 address or an IPv6 /64 (one host
+    usually owns a whole /64). Each failure within `window` seconds doubles the delay
+    from `base_delay` up to `max_delay`; a success or a quiet `window` clears it. At most
+    `max_tracked` clients are remembered (least recently failed are forgotten), so a
+    spray from many addresses cannot grow memory without bound. SMTP AUTH, IMAP and
+    POP3 each keep one."""
 
-    The throttle counts failures per client (an IPv4 address or an IPv6 /64, since one
-    host usually owns a whole /64); each failure within `window` seconds doubles the
-    delay from `base_delay` up to `max_delay`. A success or a quiet `window` clears it.
-    At most `max_tracked` clients are remembered (least recently failed are forgotten),
-    so a spray from many addresses cannot grow memory without bound.
-    """
-
-    def __init__(self, users: Mapping[str, str], *, base_delay: float = 1.0,
-                 max_delay: float = 30.0, window: float = 900.0, max_tracked: int = 10000,
+    def __init__(self, *, base_delay: float = 1.0, max_delay: float = 30.0,
+                 window: float = 900.0, max_tracked: int = 10000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._users = dict(users)
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.window = window
@@ -182,6 +179,49 @@ class Authenticator:
         # key -> (failures, time of the last one); order = least recent first.
         self._failures: collections.OrderedDict[str, tuple[int, float]] = (
             collections.OrderedDict())
+
+    def delay_for(self, ip: str) -> float:
+        """Seconds to wait before answering this client's next attempt."""
+        entry = self._entry(throttle_key(ip))
+        if entry is None:
+            return 0.0
+        return min(self.max_delay, self.base_delay * 2 ** min(entry[0] - 1, 32))
+
+    async def wait(self, ip: str) -> None:
+        if d := self.delay_for(ip):
+            await asyncio.sleep(d)
+
+    def record_failure(self, ip: str) -> None:
+        key = throttle_key(ip)
+        entry = self._entry(key)
+        self._failures[key] = ((entry[0] if entry else 0) + 1, self._clock())
+        self._failures.move_to_end(key)
+        while len(self._failures) > self.max_tracked:
+            self._failures.popitem(last=False)
+
+    def record_success(self, ip: str) -> None:
+        self._failures.pop(throttle_key(ip), None)
+
+    def _entry(self, key: str) -> tuple[int, float] | None:
+        entry = self._failures.get(key)
+        if entry is not None and self._clock() - entry[1] > self.window:
+            del self._failures[key]
+            return None
+        return entry
+
+
+class Authenticator:
+    """The configured SMTP AUTH users plus a per-client failure Throttle."""
+
+    def __init__(self, users: Mapping[str, str], *, base_delay: float = 1.0,
+                 max_delay: float = 30.0, window: float = 900.0, max_tracked: int = 10000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._users = dict(users)
+        self.throttle = Throttle(base_delay=base_delay, max_delay=max_delay, window=window,
+                                 max_tracked=max_tracked, clock=clock)
+        self.delay_for = self.throttle.delay_for
+        self.record_failure = self.throttle.record_failure
+        self.record_success = self.throttle.record_success
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> Authenticator:
@@ -195,24 +235,6 @@ class Authenticator:
         ok = await asyncio.to_thread(_verify_or_dummy, password, stored)
         return ok and stored is not None
 
-    def delay_for(self, ip: str) -> float:
-        """Seconds to wait before answering this client's next AUTH failure."""
-        entry = self._entry(_throttle_key(ip))
-        if entry is None:
-            return 0.0
-        return min(self.max_delay, self.base_delay * 2 ** min(entry[0] - 1, 32))
-
-    def record_failure(self, ip: str) -> None:
-        key = _throttle_key(ip)
-        entry = self._entry(key)
-        self._failures[key] = ((entry[0] if entry else 0) + 1, self._clock())
-        self._failures.move_to_end(key)
-        while len(self._failures) > self.max_tracked:
-            self._failures.popitem(last=False)
-
-    def record_success(self, ip: str) -> None:
-        self._failures.pop(_throttle_key(ip), None)
-
     async def attempt(self, ip: str, user: str, password: str) -> bool:
         """check() plus the throttle: a failure is answered only after delay_for(ip)."""
         if await self.check(user, password):
@@ -222,15 +244,9 @@ class Authenticator:
         await asyncio.sleep(self.delay_for(ip))
         return False
 
-    def _entry(self, key: str) -> tuple[int, float] | None:
-        entry = self._failures.get(key)
-        if entry is not None and self._clock() - entry[1] > self.window:
-            del self._failures[key]
-            return None
-        return entry
 
-
-def _throttle_key(ip: str) -> str:
+def throttle_key(ip: str) -> str:
+    """The unit a throttle counts: an IPv4 address, or an IPv6 /64."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -208,6 +208,7 @@ R_STORAGE = Reply(451, "4.3.0", "Error: queue file write error, try again later"
 R_STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 R_TOO_BIG = Reply(552, "5.3.4", "Error: message too big for system")
+R_HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header section too large")
 R_BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received (see RFC 5321 2.3.8)")
 R_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long (see RFC 5321 4.5.3.1.6)")
 R_CMD_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")

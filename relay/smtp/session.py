@@ -300,7 +300,7 @@ class Session:
     async def _start_tls(self) -> None:
         srv = self.server
         try:
-            await self.conn.start_tls(srv.ssl_context, timeout=30)
+            await self.conn.start_tls(srv.ssl_context, timeout=self.cfg.smtp.tls_handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as e:
             metrics.CONNECTIONS.labels(self.lcfg.name, "tls_failed").inc()
             log.info("TLS handshake with [%s] failed: %s", self.ip, e)
@@ -519,7 +519,8 @@ class Session:
         if reader.error is not DataError.NONE:
             writer.abort()
             r = {DataError.TOO_BIG: proto.R_TOO_BIG, DataError.BARE_NEWLINE: proto.R_BARE_NEWLINE,
-                 DataError.LINE_TOO_LONG: proto.R_LINE_TOO_LONG}[reader.error]
+                 DataError.LINE_TOO_LONG: proto.R_LINE_TOO_LONG,
+                 DataError.HEADER_TOO_BIG: proto.R_HEADER_TOO_BIG}[reader.error]
             metrics.MESSAGES_REJECTED.labels(reader.error.value).inc()
             log.info("%s: reject: DATA from %s: %d %s %s; from=<%s>", qid, self._client(),
                      r.code, r.enhanced, r.text, txn.sender)

@@ -86,7 +86,7 @@ class IMAPServer:
         self._conns.add(task)
         session = Session(self.store, writer.write, ip, tls=self.implicit_tls,
                           starttls_ok=self.ssl_context is not None and not self.implicit_tls,
-                          on_release=self.on_release)
+                          on_release=self.on_release, cleartext_login=_is_loopback(ip))
         try:
             await self._run(reader, writer, session)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
@@ -170,3 +170,9 @@ async def start_imap(cfg: QuarantineConfig, store: QuarantineStore,
     server = IMAPServer(cfg, store, ssl_context, host, port, implicit_tls, on_release)
     await server.start()
     return server
+
+
+def _is_loopback(ip: str) -> bool:
+    from relay.pipeline.protocol import parse_ip
+    addr = parse_ip(ip)
+    return addr is not None and addr.is_loopback

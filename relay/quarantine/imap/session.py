@@ -16,8 +16,6 @@ RFCs: 3501, 2177 (IDLE), 4315 (UIDPLUS), 6851 (MOVE), 2342 (NAMESPACE), 7888
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import enum
 import logging
 import re
@@ -54,6 +52,7 @@ from relay.quarantine.store import (
     User,
     check_folder_name,
 )
+from relay.smtp.auth import AuthCancelled, AuthSyntaxError, decode_plain
 
 log = logging.getLogger("relay.quarantine.imap")
 
@@ -95,8 +94,12 @@ _SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE"
 
 class Session:
     def __init__(self, store: QuarantineStore, send: Callable[[bytes], None], peer: str,
-                 tls: bool, starttls_ok: bool, on_release: OnRelease | None = None) -> None:
+                 tls: bool, starttls_ok: bool, on_release: OnRelease | None = None,
+                 cleartext_login: bool = False) -> None:
         self.store = store
+        # RFC 3501 6.2.3 / RFC 2595: no passwords in clear text unless the peer is on
+        # loopback (or there is no TLS to offer at all).
+        self.cleartext_login = cleartext_login or not starttls_ok
         self.send = send
         self.peer = peer
         self.tls = tls
@@ -126,8 +129,18 @@ class Session:
         if self.state is State.NOT_AUTHENTICATED:
             if self.starttls_ok and not self.tls:
                 caps.append("STARTTLS")
-            caps.append("AUTH=PLAIN")
+            caps.append("AUTH=PLAIN" if self.login_allowed else "LOGINDISABLED")
         return " ".join(caps)
+
+    @property
+    def login_allowed(self) -> bool:
+        return self.tls or self.cleartext_login
+
+    def _privacy(self, tag: str) -> bool:
+        if self.login_allowed:
+            return False
+        self._tagged(tag, "NO", "[PRIVACYREQUIRED] Use STARTTLS first")
+        return True
 
     @property
     def idling(self) -> bool:
@@ -299,6 +312,8 @@ class Session:
     async def cmd_LOGIN(self, cmd: Command) -> None:
         if len(cmd.args) != 2:
             raise Bad("LOGIN needs a user name and a password")
+        if self._privacy(cmd.tag):
+            return
         await self._login(cmd.tag, _astr(cmd.args[0]), _astr(cmd.args[1]))
 
     async def cmd_AUTHENTICATE(self, cmd: Command) -> None:
@@ -306,6 +321,8 @@ class Session:
             raise Bad("AUTHENTICATE needs a mechanism")
         if cmd.args[0].upper() != "PLAIN":
             raise No("Unsupported authentication mechanism")
+        if self._privacy(cmd.tag):
+            return
         if len(cmd.args) == 2:          # SASL-IR (RFC 4959)
             await self._auth_plain(cmd.tag, _astr(cmd.args[1]).encode())
             return
@@ -314,13 +331,11 @@ class Session:
         self.send(b"+ \r\n")
 
     async def _auth_plain(self, tag: str, line: bytes) -> Outcome:
-        if line == b"*":
-            return self.bad(tag, "Authentication cancelled")
         try:
-            raw = base64.b64decode(line, validate=True) if line != b"=" else b""
-            authz, authc, pw = raw.split(b"\0")
-            authz_s, user, password = (x.decode("utf-8") for x in (authz, authc, pw))
-        except (binascii.Error, ValueError, UnicodeDecodeError):
+            authz_s, user, password = decode_plain(line.decode("ascii"))
+        except AuthCancelled:
+            return self.bad(tag, "Authentication cancelled")
+        except (AuthSyntaxError, UnicodeDecodeError):
             return self.bad(tag, "Invalid PLAIN response")
         if authz_s and authz_s != user:
             self._tagged(tag, "NO", "[AUTHORIZATIONFAILED] Cannot act as another user")
@@ -334,12 +349,12 @@ class Session:
         # scrypt/bcrypt cost runs in a thread: one login never stalls other clients.
         user = await asyncio.to_thread(self.store.authenticate, name, password)
         if user is None:
-            throttle.failure(self.peer)
+            throttle.record_failure(self.peer)
             MAILBOX_LOGINS.labels(protocol="imap", result="failure").inc()
             log.warning("imap login failed user=%r ip=%s", name[:64], self.peer)
             self._tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
             return
-        throttle.success(self.peer)
+        throttle.record_success(self.peer)
         MAILBOX_LOGINS.labels(protocol="imap", result="success").inc()
         log.info("imap login user=%s ip=%s", user.name, self.peer)
         self.user = user

@@ -126,7 +126,7 @@ class _Session:
         await store.throttle.wait(self.ip)
         user = await asyncio.to_thread(store.authenticate, ev.user, ev.password)
         if user is None:
-            store.throttle.failure(self.ip)
+            store.throttle.record_failure(self.ip)
             MAILBOX_LOGINS.labels(protocol="pop3", result="failure").inc()
             log.warning("pop3 login failed user=%r ip=%s mechanism=%s", ev.user[:64], self.ip,
                         ev.mechanism)
@@ -137,7 +137,7 @@ class _Session:
             MAILBOX_LOGINS.labels(protocol="pop3", result="in_use").inc()
             await self._write(self.conn.login_in_use())
             return
-        store.throttle.success(self.ip)
+        store.throttle.record_success(self.ip)
         self.s.in_use.add(user.name)
         self.locked, self.user = True, user.name
         try:
