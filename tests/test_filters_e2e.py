@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.pipeline.authres import read_authserv_id
+from relay.smtp.auth import hash_password
 from tests._delivery import Sink
 from tests._mailauth import Dnsmasq
 from tests._relay import RelayProcess, free_port
@@ -146,7 +147,7 @@ def relay(tmp_path_factory, dnsd, sink, keys):
             {"name": "dmarc"},
         ],
         # Held mail for sink.test goes to this user's INBOX (a Maildir).
-        "quarantine": {"users": [{"name": "postmaster", "password_hash": "x",
+        "quarantine": {"users": [{"name": "postmaster", "password_hash": hash_password("x"),
                                   "addresses": ["@sink.test"]}]},
     }
     with RelayProcess(tmp, cfg) as r:
