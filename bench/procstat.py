@@ -67,3 +67,51 @@ def peak_rss_mib(root: int) -> float:
 
 def rss_mib(root: int) -> float:
     return sum(_status_kib(p, "VmRSS:") for p in tree(root)) / 1024
+
+
+def pss_mib(root: int) -> float:
+    """Proportional set size of the tree: shared pages split among their users, so
+    forked workers (and Postfix's many daemons) are not counted once per process."""
+    total = 0
+    for pid in tree(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024
+
+
+class PeakSampler:
+    """Samples the tree's PSS in a thread every `interval` seconds; `.peak` in MiB."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        import threading
+        self.root, self.interval, self.peak = root, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, pss_mib(self.root))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, pss_mib(self.root))
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)    # idle + iowait
+    return sum(fields) - idle, sum(fields)

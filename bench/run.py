@@ -74,6 +74,11 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def _py_spy() -> str:
+    beside = Path(PY).parent / "py-spy"
+    return str(beside) if beside.exists() else "py-spy"
+
+
 def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -245,18 +250,21 @@ class Bench:
             peer.start()
             time.sleep(0.3)
             if profile:
-                spy = subprocess.Popen(["py-spy", "record", "--pid", str(peer.pid),
+                spy = subprocess.Popen([_py_spy(), "record", "--pid", str(peer.pid),
                                         "--subprocesses", "--format", "raw", "--rate", "250",
                                         "-o", profile], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             cpu0 = procstat.cpu_seconds(peer.pid)
+            box0 = procstat.machine_jiffies()
             limit = max(120.0, count * size / 2e6, count / 20)
             t0 = time.monotonic()
-            load = self._load(peer.port, size, sessions, count, builtin, rate, limit)
-            t_acc = time.monotonic()
-            reached = sink.wait_count(count, limit)
+            with procstat.PeakSampler(peer.pid) as pss:
+                load = self._load(peer.port, size, sessions, count, builtin, rate, limit)
+                t_acc = time.monotonic()
+                reached = sink.wait_count(count, limit)
             cpu1 = procstat.cpu_seconds(peer.pid)
+            box1 = procstat.machine_jiffies()
             hwm = procstat.peak_rss_mib(peer.pid)
         finally:
             if spy is not None:
@@ -279,6 +287,11 @@ class Bench:
             "e2e_per_s": round(count / (reached - start), 1) if reached else None,
             "cpu_s_per_1000": round((cpu1 - cpu0) * 1000 / max(1, ok), 3),
             "peak_rss_mib": round(hwm, 1),
+            "peak_pss_mib": round(pss.peak, 1),
+            # How busy the whole box was (peer + sink + load + kernel), in CPUs: near
+            # nproc means the run was CPU-bound, not limited by the peer's design.
+            "box_cpus_busy": round((box1[0] - box0[0]) / max(1, box1[1] - box0[1])
+                                   * (os.cpu_count() or 1), 2),
         }
         if builtin:
             arr = rec.get("arrivals", {})
@@ -369,6 +382,7 @@ class Bench:
                 line = gen.stdout.readline().strip()
                 time.sleep(1.0)
                 rss, hwm = procstat.rss_mib(peer.pid), procstat.peak_rss_mib(peer.pid)
+                pss = procstat.pss_mib(peer.pid)
             finally:
                 assert gen.stdin is not None
                 gen.stdin.close()
@@ -381,9 +395,9 @@ class Bench:
             sink.stop()
         res = {"peer": "relay", "idle_connections": n, "generator": line,
                "rss_before_mib": round(before, 1), "rss_mib": round(rss, 1),
-               "peak_rss_mib": round(hwm, 1)}
+               "peak_rss_mib": round(hwm, 1), "pss_mib": round(pss, 1)}
         print(f"  idle x{n}: {line}; relay RSS {before:.0f} -> {rss:.0f} MiB "
-              f"(peak {hwm:.0f} MiB)", flush=True)
+              f"(peak {hwm:.0f} MiB, PSS {pss:.0f} MiB)", flush=True)
         return res
 
     @staticmethod
@@ -395,7 +409,8 @@ class Bench:
                    f" | r2d p50/p99 {r.get('r2d_p50_ms')}/{r.get('r2d_p99_ms')} ms")
         print(f"  {r['peer']:7s} {label:12s} accepted {r['accepted_per_s']}/s | e2e "
               f"{r['e2e_per_s']}/s | {r['cpu_s_per_1000']} CPU-s/1000 | peak RSS "
-              f"{r['peak_rss_mib']} MiB{lat} | errors {r['errors']}", flush=True)
+              f"{r['peak_rss_mib']} MiB, PSS {r['peak_pss_mib']} MiB{lat} | box busy "
+              f"{r.get('box_cpus_busy')} CPUs | errors {r['errors']}", flush=True)
 
 
 def _median(runs: list[dict]) -> dict:
@@ -430,14 +445,15 @@ def markdown(result: dict) -> str:
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
              f"Python {m['python']} ({m['event_loop']}).", "",
              f"Command: `{result['command']}`", "",
-             "| peer | size | sessions | accepted/s | e2e/s | CPU-s/1000 | peak RSS MiB "
-             "| r250 p50/p99 ms | r2d p50/p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peer | size | sessions | accepted/s | e2e/s | CPU-s/1000 | peak RSS / PSS MiB "
+             "| r250 p50/p99 ms | r2d p50/p99 ms | box CPUs busy | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["throughput"]:
         lines.append(f"| {r['peer']} | {r['size'] // 1024} KiB | {r['sessions']} | "
                      f"{r['accepted_per_s']} | {r['e2e_per_s']} | {r['cpu_s_per_1000']} | "
-                     f"{r['peak_rss_mib']} | {r.get('r250_p50_ms')}/{r.get('r250_p99_ms')} | "
-                     f"{r.get('r2d_p50_ms')}/{r.get('r2d_p99_ms')} | {r['errors']} |")
+                     f"{r['peak_rss_mib']} / {r['peak_pss_mib']} | {r.get('r250_p50_ms')}/{r.get('r250_p99_ms')} | "
+                     f"{r.get('r2d_p50_ms')}/{r.get('r2d_p99_ms')} | {r.get('box_cpus_busy')} | "
+                     f"{r['errors']} |")
     if result.get("ratios"):
         lines += ["", "Relay / Postfix (same run):", "",
                   "| size | sessions | e2e throughput | CPU per message |", "|---|---|---|---|"]
@@ -455,10 +471,10 @@ def markdown(result: dict) -> str:
             if "idle_connections" in r:
                 lines.append(f"- {r['idle_connections']} idle connections ({r['generator']}): "
                              f"RSS {r['rss_before_mib']} -> {r['rss_mib']} MiB, peak "
-                             f"{r['peak_rss_mib']} MiB")
+                             f"{r['peak_rss_mib']} MiB, PSS {r['pss_mib']} MiB")
             else:
                 lines.append(f"- 20 concurrent 50 MiB messages: peak RSS {r['peak_rss_mib']} "
-                             f"MiB, e2e {r['e2e_per_s']} msgs/s, errors {r['errors']}")
+                             f"MiB (sum of VmHWM), peak PSS {r['peak_pss_mib']} MiB, e2e {r['e2e_per_s']} msgs/s, errors {r['errors']}")
     lines += ["", f"Tools: {result['tools']}. Workers: {result['workers']}. "
               "CPU and RSS are the peer's process tree only (sink and load excluded)."]
     return "\n".join(lines) + "\n"
@@ -497,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions = [int(s) for s in a.sessions.split(",") if s]
     peers = ["relay"] + (["postfix"] if a.vs_postfix else [])
     result: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "machine": machine(), "command": " ".join([Path(PY).name, *sys.argv]),
+                    "machine": machine(), "command": " ".join([os.path.relpath(PY, ROOT) if PY.startswith(str(ROOT)) else PY, *sys.argv]),
                     "workers": a.workers or os.cpu_count(),
                     "tools": "smtp-source/smtp-sink (throughput), bench/load.py + bench/sink.py"
                              " (latency)" if b.postfix_tools else "bench/load.py + bench/sink.py",

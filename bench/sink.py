@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 HEAD_KEEP = 8192
 _MSGID = re.compile(rb"(?im)^message-id:\s*<([^>\r\n]+)>")
@@ -103,7 +104,7 @@ class SinkProtocol(asyncio.Protocol):
                 out.append(b"250 2.0.0 Ok\r\n")
 
 
-async def serve(host: str, port: int, record: str | None) -> None:
+async def serve(host: str, port: int) -> Stats:
     loop = asyncio.get_running_loop()
     stats = Stats()
     server = await loop.create_server(lambda: SinkProtocol(stats), host, port,
@@ -125,9 +126,7 @@ async def serve(host: str, port: int, record: str | None) -> None:
         except TimeoutError:
             pass
     server.close()
-    if record:
-        with open(record, "w") as f:
-            json.dump({"count": stats.count, "arrivals": stats.arrivals}, f)
+    return stats
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.listen.rpartition(":")
     try:
         import uvloop
-        uvloop.run(serve(host, int(port), a.record))
+        run = uvloop.run
     except ImportError:
-        asyncio.run(serve(host, int(port), a.record))
+        run = asyncio.run
+    stats = run(serve(host, int(port)))
+    if a.record:
+        Path(a.record).write_text(json.dumps({"count": stats.count, "arrivals": stats.arrivals}))
 
 
 if __name__ == "__main__":

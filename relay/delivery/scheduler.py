@@ -27,6 +27,7 @@ Loop protection: more than max_received_headers Received headers bounces with 5.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -157,7 +158,8 @@ class Scheduler:
         self._dests: dict[str, _Destination] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._max_inflight = max(2, 2 * self.d.max_connections)
-        self._new: list[Envelope] = []
+        # New messages, in arrival order, waiting for an attempt slot.
+        self._new: collections.deque[Envelope] = collections.deque()
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flush = False
@@ -225,16 +227,20 @@ class Scheduler:
     def _pick(self) -> float:
         """Start attempts for due messages; return how long to sleep."""
         now = self.clock()
-        new, self._new = self._new, []
-        for env in new:
-            self._maybe_start(env, now, False)
+        # New messages start in arrival order while there are slots; the rest stay
+        # queued here (a finishing attempt sets the event). Dropping them and
+        # rescanning the whole queue on every wake cost O(queue) per message under load.
+        new = self._new
+        while new and len(self._inflight) < self._max_inflight:
+            self._maybe_start(new.popleft(), now, False)
         if not (self._flush or now >= self._scan_at):
             return max(0.0, min(self._scan_at - now, MAX_SLEEP))
         flush, self._flush = self._flush, False
         next_due = now + MAX_SLEEP
         backlog = False
+        waiting = {e.queue_id for e in new}
         for env in self.spool.envelopes():
-            if env.queue_id in self._inflight or env.held:
+            if env.queue_id in self._inflight or env.held or env.queue_id in waiting:
                 continue
             if not env.pending() or flush or env.next_attempt() <= now:
                 if not self._maybe_start(env, now, flush):
