@@ -33,6 +33,12 @@ class JSONFormatter(logging.Formatter):
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
+    # Per-record work we never print: the caller's file and line (a stack walk), the
+    # thread and the multiprocessing names. A few log lines per message made this a
+    # tenth of the relay's CPU.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())

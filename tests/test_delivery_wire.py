@@ -69,3 +69,12 @@ def test_any_input_frames_safely(data):
     if normalised and not normalised.endswith(b"\r\n"):
         normalised += b"\r\n"
     assert unstuff(wire) == normalised
+
+
+def test_ready_fast_path_matches_the_full_conversion_for_clean_input():
+    from relay.delivery.wire import to_wire
+    for msg in [b"", b"a\r\n", b"Subject: x\r\n\r\nbody\r\nmore\r\n"]:
+        assert to_wire(msg, ready=True) == to_wire(msg)
+    # A wrong flag on unsafe bytes never skips the conversion that matters.
+    assert to_wire(b".x\r\n", ready=True) == b"..x\r\n.\r\n"
+    assert to_wire(b"x\r\n.", ready=True) == to_wire(b"x\r\n.")

@@ -134,3 +134,14 @@ def test_header_section_over_the_limit_is_refused():
         r.feed(line)
     r.feed(b"\r\nbody\r\n.\r\n")
     assert r.done and r.error is DataError.HEADER_TOO_BIG
+
+
+def test_dots_flag_tells_whether_any_line_started_with_a_dot():
+    for wire, dots in [(b"a\r\nb\r\n.\r\n", False), (b"..a\r\nb\r\n.\r\n", True),
+                       (b"a\r\n..b\r\n.\r\n", True), (b"a.b\r\n.\r\n", False)]:
+        for chunks in splits(wire):
+            r, content, _ = feed_all(chunks)
+            assert r.done and r.dots is dots, (wire, chunks)
+            if not dots:
+                # The stored bytes are their own wire form.
+                assert content + b".\r\n" == wire

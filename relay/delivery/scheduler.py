@@ -321,7 +321,7 @@ class Scheduler:
                 # A routing filter's mistake is ours to fix: keep the mail, retry later.
                 outcomes.append(_Outcome(r, local_reply(451, "4.3.5", f"bad next hop: {e}"),
                                          kind="route", reason="config"))
-        wire = to_wire(message)
+        wire = to_wire(message, env.wire_ready)
         results = await asyncio.gather(*(self._deliver_group(env, route, rcpts, wire, message)
                                          for route, rcpts in groups.items()))
         for res in results:

@@ -25,8 +25,12 @@ def is_crlf_clean(message: bytes) -> bool:
     return message.count(b"\r") == crlf and message.count(b"\n") == crlf
 
 
-def to_wire(message: bytes) -> bytes:
-    """DATA payload for `message`: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
+def to_wire(message: bytes, ready: bool = False) -> bytes:
+    """DATA payload for `message`: CRLF line ends, dot-stuffed, ending in CRLF.CRLF.
+    `ready`: the inbound side already proved the message CRLF-only with no line
+    starting with '.' (Envelope.wire_ready), so only the terminator is added."""
+    if ready and (not message or message.endswith(b"\r\n")) and not message.startswith(b"."):
+        return message + _TERMINATOR
     if not is_crlf_clean(message):
         # Slow path (rare): rebuild the line ends from our own line model.
         message = _LINE_END.sub(b"\r\n", message)

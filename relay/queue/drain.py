@@ -185,7 +185,7 @@ async def drain_spool(spool: Spool, peer: Peer) -> DrainResult:
             message = await spool.read(qid)
             msg = Message(sender=env.sender,
                           recipients=tuple((r.address, r.notify, r.orcpt) for r in pending),
-                          wire=to_wire(message), ret=env.ret, envid=env.envid,
+                          wire=to_wire(message, env.wire_ready), ret=env.ret, envid=env.envid,
                           body8bit=(env.body or "").upper() == "8BITMIME" or needs_8bit(message),
                           smtputf8=env.smtputf8)
             replies = await conn.send(msg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -70,11 +70,15 @@ class Envelope:
     skip_filter: str = ""
     # Set on messages we generated (DSNs): never bounce a bounce.
     is_bounce: bool = False
+    # The stored bytes are CRLF-only and no line starts with '.': their wire form is
+    # themselves plus ".CRLF" (set by the inbound session, which scanned every byte).
+    wire_ready: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for r in d["recipients"]:
-            r["state"] = r["state"].value
+        # Shallow copies, not dataclasses.asdict (a deep, recursive copy): this runs for
+        # every message and every state change. Every field is a plain value.
+        d = dict(self.__dict__)
+        d["recipients"] = [{**r.__dict__, "state": r.state.value} for r in self.recipients]
         return d
 
     @classmethod

@@ -110,6 +110,7 @@ class Spool:
         self._lock_fd: int | None = None
         self.memory_in_use = 0          # bytes held by MessageWriters (budget)
         self._rehome: list[int] = []    # corrupt segments whose live messages move
+        self._space, self._space_at = 0, -1e9   # free bytes, sampled by check_space
         self._gauges_pending = False
 
     # --- opening and recovery -----------------------------------------------------
@@ -331,12 +332,20 @@ class Spool:
 
     def check_space(self, size: int = 0) -> None:
         """Raise SpoolFull when the filesystem cannot take `size` more bytes plus the
-        configured reserve (checked at MAIL with SIZE= and again at DATA)."""
-        try:
-            st = os.statvfs(self.root)
-        except OSError as e:
-            raise SpoolError(str(e)) from None
-        if st.f_bavail * st.f_frsize < size + self.cfg.min_free_space:
+        configured reserve (checked at MAIL with SIZE=). The free space is sampled at
+        most once a second: statvfs on every MAIL showed in the profile, and a real
+        disk-full still fails the write and answers 4xx."""
+        need = size + self.cfg.min_free_space
+        now = time.monotonic()
+        # A refusal always looks again: space freed a moment ago counts at once.
+        if now - self._space_at > 1.0 or self._space < need:
+            try:
+                st = os.statvfs(self.root)
+            except OSError as e:
+                raise SpoolError(str(e)) from None
+            self._space = st.f_bavail * st.f_frsize
+            self._space_at = now
+        if self._space < need:
             raise SpoolFull("insufficient system storage")
 
     def writer(self, queue_id: str) -> MessageWriter:

@@ -47,6 +47,9 @@ class DataReader:
         self.error = DataError.NONE
         self.done = False
         self.head: bytes | None = None  # header block, incl. the CRLF of its last line
+        # Did any line start with '.'? If not, the content (CRLF-only by now) is its own
+        # wire form: delivery sends it without scanning it again for dots.
+        self.dots = False
         self._head_buf = bytearray()
         self._tail = b""                # an unfinished line, at most max_line-ish
 
@@ -111,10 +114,12 @@ class DataReader:
         # content starts at a line start: a leading dot is stuffing too.
         if content[:1] == b".":
             content = content[1:]
+            self.dots = True
         # Every LF left is part of a CRLF here (bare ones were refused or normalised),
         # and searching the three bytes is cheaper than "\n." (fewer false starts).
         if b"." in content and b"\r\n." in content:
             content = content.replace(b"\r\n.", b"\r\n")
+            self.dots = True
         self.size += len(content)
         if self.size > self.max_size:
             self._flag(DataError.TOO_BIG)

@@ -562,6 +562,11 @@ class Session:
                              srv.authres.render(srv.hostname, self.ctx.auth_results)))
         new_head = "".join(f"{k}: {v}\r\n" for k, v in added).encode("utf-8", "replace")
         new_head += self._received(txn).encode("utf-8", "replace")
+        # Our headers are CRLF-only and never start a line with '.', but filters supply
+        # values: check the few bytes rather than trust them.
+        env.wire_ready = (not reader.dots and b"\r\n." not in new_head
+                          and new_head.count(b"\n") == new_head.count(b"\r\n")
+                          == new_head.count(b"\r"))
         try:
             if verdict is not None and verdict.action is Action.DISCARD:
                 writer.abort()
