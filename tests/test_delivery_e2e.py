@@ -83,3 +83,49 @@ def test_sigkill_during_delivery_then_restart_delivers_everything(tmp_path):
     finally:
         r.kill()
         ctl.stop()
+
+
+class Recording:
+    def __init__(self):
+        self.got = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.got.append((envelope.mail_from, envelope.rcpt_tos, envelope.content))
+        return "250 2.0.0 Ok"
+
+
+def test_notify_success_to_a_next_hop_without_dsn_gets_a_relayed_dsn(tmp_path):
+    """RFC 3461 5.2.2: aiosmtpd offers no DSN, so our duty to report ends at its 250:
+    NOTIFY=SUCCESS gets a 'relayed' report; a recipient without NOTIFY gets none."""
+    import email
+    sink = Recording()
+    port = free_port()
+    ctl = Controller(sink, hostname="127.0.0.1", port=port)
+    ctl.start()
+    conf = {"delivery": {"transport": [{"domain": "y.test", "nexthop": f"[127.0.0.1]:{port}"},
+                                       {"domain": "x.test", "nexthop": f"[127.0.0.1]:{port}"}],
+                         "mta_sts": False}}
+    r = RelayProcess(tmp_path, conf)
+    try:
+        with smtplib.SMTP("127.0.0.1", r.smtp_port) as s:
+            s.ehlo("t")
+            s.mail("a@x.test", ["ENVID=env-1"])
+            s.rcpt("told@y.test", ["NOTIFY=SUCCESS"])
+            s.rcpt("quiet@y.test")
+            assert s.data(b"Subject: report me\r\n\r\nhi\r\n")[0] == 250
+        deadline = time.monotonic() + 20
+        while len(sink.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sink.got) == 2, r.log()[-2000:]
+        sender, rcpts, content = sink.got[1]
+        assert sender in ("", "<>") and rcpts == ["a@x.test"]     # the null sender
+        dsn = email.message_from_bytes(content)
+        assert dsn.get_content_type() == "multipart/report"
+        status = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0]
+        text = status.as_string()
+        assert "Action: relayed" in text and "told@y.test" in text
+        assert "quiet@y.test" not in text and "Original-Envelope-Id: env-1" in text
+        assert r.stop() == 0
+    finally:
+        r.kill()
+        ctl.stop()

@@ -38,6 +38,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.delivery import mx
+from relay.delivery.bounce import wants_dsn
 from relay.delivery.client import (
     Connection,
     Message,
@@ -88,6 +89,9 @@ class _Outcome:
     relay: str = "none"
     kind: str = "mx"            # metrics label: route kind
     reason: str = ""            # bounce/defer reason label
+    # Accepted by a next hop that does not offer DSN: our duty to report ends here,
+    # so NOTIFY=SUCCESS gets a "relayed" DSN (RFC 3461 5.2.2).
+    relayed: bool = False
 
 
 def count_received(message: bytes) -> int:
@@ -97,14 +101,6 @@ def count_received(message: bytes) -> int:
         end = message.find(b"\n\n")
     head = (message if end < 0 else message[:end + 2]).lower()
     return head.count(b"\nreceived:") + head.startswith(b"received:")
-
-
-def wants(notify: str | None, what: str) -> bool:
-    """RFC 3461 4.1: no NOTIFY means FAILURE (and, at our discretion, DELAY)."""
-    if notify is None:
-        return what in ("FAILURE", "DELAY")
-    kinds = {k.strip().upper() for k in notify.split(",")}
-    return "NEVER" not in kinds and what in kinds
 
 
 class ByteBudget:
@@ -377,7 +373,8 @@ class Scheduler:
                         retry.append(r)     # RFC 5321 5.1: try the next MX
                         last = rep
                     else:
-                        done.append(_Outcome(r, rep, str(conn.target), route.kind))
+                        done.append(_Outcome(r, rep, str(conn.target), route.kind,
+                                             relayed="DSN" not in conn.ext))
                 await self._release(dest, conn)
                 conn = None
                 remaining = retry
@@ -468,6 +465,7 @@ class Scheduler:
         age = now - env.arrival
         failed: list[Recipient] = []
         delayed: list[Recipient] = []
+        relayed: list[Recipient] = []
         remote: dict[str, str] = {}
         for o in outcomes:
             r, reply = o.rcpt, o.reply
@@ -480,6 +478,8 @@ class Scheduler:
                 r.last_error = ""
                 DELIVERY_ATTEMPTS.labels("sent", o.kind).inc()
                 DELIVERY_LATENCY.observe(max(0.0, age))
+                if o.relayed and wants_dsn(r, "relayed"):
+                    relayed.append(r)
             elif reply.is_perm or age >= self.d.max_queue_lifetime:
                 status = "bounced" if reply.is_perm else "expired"
                 r.state = RcptState.BOUNCED
@@ -487,7 +487,7 @@ class Scheduler:
                 DELIVERY_ATTEMPTS.labels("bounced", o.kind).inc()
                 MESSAGES_BOUNCED.labels(o.reason if reply.is_perm and o.reason in (
                     "loop", "null_mx") else "permanent" if reply.is_perm else "expired").inc()
-                if wants(r.notify, "FAILURE"):
+                if wants_dsn(r, "failed"):
                     failed.append(r)
                 else:
                     r.dsn_sent = True     # NOTIFY said not to tell: nothing pending
@@ -500,11 +500,11 @@ class Scheduler:
                 DELIVERY_ATTEMPTS.labels("deferred", o.kind).inc()
                 MESSAGES_DEFERRED.labels(o.reason or "tempfail").inc()
                 if (self.d.delay_warning > 0 and age >= self.d.delay_warning
-                        and not r.delay_warned and wants(r.notify, "DELAY")):
+                        and not r.delay_warned and wants_dsn(r, "delayed")):
                     delayed.append(r)
             log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)",
                      env.queue_id, r.address, o.relay, age, reply.status(), status, reply)
-        for action, rcpts in (("failed", failed), ("delayed", delayed)):
+        for action, rcpts in (("failed", failed), ("delayed", delayed), ("relayed", relayed)):
             if rcpts:
                 await self._notify(env, rcpts, action, message, now, remote)
         all_done = all(r.state is RcptState.DONE for r in env.recipients)
@@ -535,7 +535,7 @@ class Scheduler:
         for r in rcpts:
             if action == "failed":
                 r.dsn_sent = True
-            else:
+            elif action == "delayed":
                 r.delay_warned = True
         if env.sender == "" or env.is_bounce:
             log.info("%s: no %s DSN: %s", env.queue_id, action,
@@ -549,6 +549,6 @@ class Scheduler:
             return
         await self.spool.add(benv, data)
         DSN_SENT.labels(action).inc()
-        log.info("%s: sender %s DSN: %s", env.queue_id, "non-delivery" if action == "failed"
-                 else "delay", benv.queue_id)
+        kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
+        log.info("%s: sender %s DSN: %s", env.queue_id, kind, benv.queue_id)
         self.wake(benv)
