@@ -303,3 +303,31 @@ def test_flush_retries_now(tmp_path, dns_port):
         return mx1.messages + mx2.messages
     (got,) = asyncio.run(go())
     assert got.rcpts == ["r@example.test"]
+
+
+def test_per_destination_rate_spaces_messages_out(tmp_path, dns_port):
+    """delivery.rate_per_destination: 5 messages/s to one next hop means six messages
+    take at least a second from first to last (a lower bound: only the limiter can make
+    it that slow on loopback)."""
+    import time
+
+    class Timed(Sink):
+        async def handle_DATA(self, server, session, envelope):
+            self.times.append(time.monotonic())
+            return await super().handle_DATA(server, session, envelope)
+
+    async def go():
+        sink = Timed()
+        sink.times = []
+        port, servers = await start_sinks(["127.0.0.9"], [sink])
+        transport = (TransportRoute(Domain.parse("rate.test"), f"[127.0.0.9]:{port}"),)
+        async with Relay(tmp_path, dns_port, port, transport=transport,
+                         rate_per_destination=5.0) as relay:
+            for i in range(6):
+                await relay.add(env_for("s@x.test", f"u{i}@rate.test"), message(f"m{i}"))
+            await until(lambda: len(sink.messages) == 6 and not relay.queued())
+        for s in servers:
+            s.close()
+        return sink.times
+    times = asyncio.run(go())
+    assert times[-1] - times[0] >= 0.9
