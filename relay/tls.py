@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay.config import TLSConfig
+from relay.durable import write_atomic
 
 log = logging.getLogger("relay.tls")
 
@@ -150,27 +151,7 @@ def _generate(cert: Path, key: Path, hostname: str) -> None:
                                  serialization.NoEncryption())
     # Key first: a crash between the two leaves a new key with an old cert, which
     # _usable() refuses (they no longer match), so the next start regenerates both.
-    _write_atomic(key, key_pem, 0o600)
-    _write_atomic(cert, crt.public_bytes(serialization.Encoding.PEM), 0o644)
-    _fsync_dir(key.parent)
+    write_atomic(key, key_pem, 0o600)
+    write_atomic(cert, crt.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # Created with its final mode, so the key is never readable by others, not even
-    # for the moment between create and chmod.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(fd, mode)  # O_CREAT's mode is masked by umask and ignored if tmp existed
-        f.write(data)
-        f.flush()
-        os.fsync(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from relay.durable import write_atomic
 from relay.pipeline.protocol import DNSError, Resolver
 
 log = logging.getLogger("relay.delivery.mta_sts")
@@ -345,23 +344,8 @@ class MTASTS:
             log.error("mta-sts %s: cannot write cache (%s)", p.domain, e)
 
     def _write(self, p: Policy) -> None:
-        """Write-to-temp, fsync, rename, fsync the directory: a crash leaves the old
-        file or the new one, never a torn one."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.domain}.", suffix=".tmp", dir=self._dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(p.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(p.domain))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # A crash leaves the old cache file or the new one, never a torn one.
+        write_atomic(self._path(p.domain), json.dumps(p.to_json()).encode(), 0o644)
 
     # --- HTTPS ---
 

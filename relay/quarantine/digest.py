@@ -23,7 +23,6 @@ import datetime
 import email.header
 import email.utils
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from email.policy import SMTP
 from pathlib import Path
 
 from relay.config import QuarantineConfig
+from relay.durable import write_atomic
 from relay.quarantine.store import INBOX, RELEASE, QuarantineMeta, QuarantineStore, StoreError
 from relay.queue.model import Envelope, Recipient, new_queue_id
 
@@ -252,7 +252,6 @@ async def run_digests(store: QuarantineStore, cfg: QuarantineConfig,
 
 
 def _write_stamp(path: Path, ts: float) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Losing a stamp only means an early digest: no fsync, just the atomic rename.
     with contextlib.suppress(OSError):
-        tmp.write_text(repr(ts))
-        os.replace(tmp, path)
+        write_atomic(path, repr(ts).encode(), sync=False)

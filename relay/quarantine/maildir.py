@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.durable import fsync_dir, write_atomic  # noqa: F401 - re-exported
+
 if TYPE_CHECKING:
     from relay.quarantine.store import QuarantineStore
 
@@ -60,30 +62,6 @@ def qid_of(filename: str) -> str:
 
 def valid_qid(qid: str) -> bool:
     return bool(re.fullmatch(r"[0-9]+\.M[0-9]+P[0-9]+R[0-9a-f]+\.[A-Za-z0-9_-]+", qid))
-
-
-# --- durable file helpers ---------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if sync:
-        fsync_dir(path.parent)
 
 
 def make_maildir(path: Path) -> None:

@@ -23,13 +23,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from relay.durable import write_atomic
 from relay.metrics import QUARANTINE_RELEASES
 from relay.quarantine.store import RELEASE, QuarantineStore, StoreError
 from relay.queue.model import Envelope, RcptState, Recipient, new_queue_id
@@ -104,13 +104,7 @@ class Releaser:
 
     def _save_released(self, qid: str, released: set[str]) -> None:
         self._dir.mkdir(mode=0o700, exist_ok=True)
-        path = self._record(qid)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps({"released": sorted(released)}).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._record(qid), json.dumps({"released": sorted(released)}).encode())
 
     def _drop_record(self, qid: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from relay import metrics
 from relay.config import SpoolConfig
+from relay.durable import fsync_dir
 from relay.queue.model import Envelope, QueueName
 
 log = logging.getLogger("relay.queue")
@@ -231,7 +232,7 @@ class Spool:
     def _new_segment(self, seq: int) -> _Segment:
         path = self.root / "segments" / f"w{self.worker}-{seq:08d}.log"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         seg = _Segment(path, seq, fd)
         self._segments[seq] = seg
         return seg
@@ -524,7 +525,7 @@ class Spool:
             for qid, e in self._entries.items():
                 if e.external:
                     self._external_path(qid).unlink(missing_ok=True)
-            _fsync_dir(self.root / "segments")
+            fsync_dir(self.root / "segments")
         self._segments.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -642,15 +643,7 @@ def _sync_close(f) -> None:
     f.flush()
     os.fsync(f.fileno())
     f.close()
-    _fsync_dir(Path(f.name).parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(Path(f.name).parent)
 
 
 def read_records(fd: int, size: int, resync: bool = False):
