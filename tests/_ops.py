@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _delivery import Sink, start_sinks  # noqa: E402
 
-from tests._relay import ROOT, RelayProcess, wait_port  # noqa: E402
+from tests._relay import ROOT, RelayProcess  # noqa: E402
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -65,23 +65,10 @@ def install_quiesce() -> None:
 
 
 class OpsRelay(RelayProcess):
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("RELAY_CONFIG", None)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop/kill
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "serve", "-c",
-             str(self.config_path)],
-            cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        host, _, port = self.config["listeners"][0]["address"].rpartition(":")
-        hhost, _, hport = self.config["http"]["address"].rpartition(":")
-        try:
-            wait_port(host.strip("[]"), int(port))
-            # HTTP starts after the SMTP listeners: wait for it as well.
-            wait_port(hhost, int(hport))
-        except TimeoutError:
-            self.kill()
-            raise RuntimeError("relay did not start:\n" + self.log()) from None
+    def command(self) -> list[str]:
+        # This module as the entry point: it installs the test shims, then runs the CLI.
+        return [sys.executable, str(Path(__file__).resolve()), "serve", "-c",
+                str(self.config_path)]
 
     def cli(self, *args: str, timeout: float = 120,
             config: Path | None = None) -> subprocess.CompletedProcess:

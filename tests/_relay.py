@@ -40,6 +40,22 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+def wait_http(host: str, port: int, proc: subprocess.Popen | None = None,
+              timeout: float = 20.0) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            raise TimeoutError(f"no /healthz on {host}:{port}")
+        time.sleep(0.05)
+
+
 class RelayProcess:
     def __init__(self, tmp_path: Path, config: dict[str, Any] | None = None,
                  start: bool = True):
@@ -72,17 +88,24 @@ class RelayProcess:
     def spool_path(self) -> Path:
         return Path(self.config["spool"]["path"])
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)]
+
+    def python_path(self) -> list[str]:
+        return [str(ROOT)]
+
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(self.python_path())}
         env.pop("RELAY_CONFIG", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop/kill
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
-            cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        first = self.config["listeners"][0]["address"]
-        host, _, port = first.rpartition(":")
+        self.proc = subprocess.Popen(self.command(), cwd=self.dir, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        # Ready when /healthz answers (the SMTP listeners are bound before HTTP starts).
+        # Probing the SMTP port instead would hold a session slot for a moment, and
+        # tests of per-client limits would count it.
+        host, _, port = self.config["http"]["address"].rpartition(":")
         try:
-            wait_port(host.strip("[]"), int(port))
+            wait_http(host.strip("[]"), int(port), self.proc)
         except TimeoutError:
             self.kill()
             raise RuntimeError("relay did not start:\n" + self.log()) from None

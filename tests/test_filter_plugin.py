@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._relay import ROOT, RelayProcess, wait_port
+from tests._relay import ROOT, RelayProcess
 
 EXAMPLE = ROOT / "examples" / "relay-filter-example"
 
@@ -126,20 +126,9 @@ class PluginRelay(RelayProcess):
         self.site = site
         super().__init__(tmp_path, config, start=start)
 
-    def start(self) -> None:
-        # RelayProcess.start, with the plugin directory after the source tree.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT)] + ([str(self.site)] if self.site else []))}
-        env.pop("RELAY_CONFIG", None)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop/kill
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
-            cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            wait_port("127.0.0.1", self.smtp_port)
-        except TimeoutError:
-            self.kill()
-            raise RuntimeError("relay did not start:\n" + self.log()) from None
+    def python_path(self) -> list[str]:
+        # The plugin directory after the source tree.
+        return super().python_path() + ([str(self.site)] if self.site else [])
 
 
 def conf(*filters: dict) -> dict:
