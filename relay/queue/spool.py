@@ -57,6 +57,9 @@ MAGIC = b"\xd3RQ1"
 _HDR = struct.Struct(">4scII")          # magic, type, length, crc
 _U32 = struct.Struct(">I")
 MAX_RECORD = 1 << 31
+# Compaction moves the few long-deferred messages that pin an old segment; a segment
+# with more live messages than this is left to drain by delivery.
+COMPACT_MAX_LIVE = 64
 
 
 class SpoolError(Exception):
@@ -426,12 +429,15 @@ class Spool:
 
     async def compact(self) -> int:
         """Re-append the live messages of the oldest segment (if it is not the active
-        one) so it can be deleted; returns how many were moved. Run periodically."""
+        one and only a few are live) so it can be deleted; returns how many were moved.
+        Run periodically."""
         assert self._active is not None
         older = [s for s in sorted(self._segments) if self._segments[s] is not self._active]
         if not older:
             return 0
         seg = self._segments[older[0]]
+        if len(seg.live) > COMPACT_MAX_LIVE:
+            return 0    # still busy: it empties as deliveries finish; copying is waste
         moved = 0
         for qid in list(seg.live):
             await self._rewrite(self._entries[qid])
