@@ -56,7 +56,6 @@ log = logging.getLogger("relay.queue")
 MAGIC = b"\xd3RQ1"
 _HDR = struct.Struct(">4scII")          # magic, type, length, crc
 _U32 = struct.Struct(">I")
-MAX_RECORD = 1 << 31
 # Compaction moves the few long-deferred messages that pin an old segment; a segment
 # with more live messages than this is left to drain by delivery.
 COMPACT_MAX_LIVE = 64
