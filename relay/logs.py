@@ -32,6 +32,23 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """'2026-11-26 22:59:05,700 relay.smtp[15468]: INFO message', with the date part
+    formatted once a second instead of once a line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     # Per-record work we never print: the caller's file and line (a stack walk), the
     # thread and the multiprocessing names. A few log lines per message made this a
@@ -43,8 +60,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

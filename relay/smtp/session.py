@@ -611,7 +611,7 @@ class Session:
         rcpt = ""
         if len(txn.recipients) == 1 and txn.recipients[0].address.isascii():
             rcpt = f"\r\n\tfor <{txn.recipients[0].address}>"
-        date = email.utils.formatdate(time.time(), localtime=True)
+        date = _rfc5322_now()
         return (f"Received: from {self.ctx.helo or 'unknown'} ([{self.ip}]){tls}{auth}\r\n"
                 f"\tby {self.server.hostname} (relay) with {proto_name} id {txn.queue_id}"
                 f"{rcpt}; {date}\r\n")
@@ -619,3 +619,15 @@ class Session:
 
 async def _join(head: bytes, writer: MessageWriter) -> bytes:
     return head + await writer.body()
+
+
+_date = (0, "")
+
+
+def _rfc5322_now() -> str:
+    """The Received header's date, formatted once a second (it showed in the profile)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, localtime=True))
+    return _date[1]
