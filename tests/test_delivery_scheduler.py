@@ -331,3 +331,38 @@ def test_per_destination_rate_spaces_messages_out(tmp_path, dns_port):
         return sink.times
     times = asyncio.run(go())
     assert times[-1] - times[0] >= 0.9
+
+
+def test_backlog_after_an_outage_is_worked_off_without_a_scan_per_message(tmp_path, dns_port):
+    """30 due messages found by one scan, 2 attempt slots: the rest wait in a backlog
+    and start as slots free; the whole queue is not rescanned after every attempt."""
+    async def go():
+        sink = Sink()
+        port, servers = await start_sinks(["127.0.0.9"], [sink])
+        transport = (TransportRoute(Domain.parse("late.test"), f"[127.0.0.9]:{port}"),)
+        relay = Relay(tmp_path, dns_port, port, transport=transport, max_connections=1)
+        spool = Spool(relay.cfg.spool)
+        await spool.open()
+        for i in range(30):                 # queued while delivery was down
+            e = env_for("s@x.test", f"u{i}@late.test")
+            data = message(f"m{i}")
+            e.size = len(data)
+            await spool.add(e, data)
+        scans = 0
+        envelopes = spool.envelopes
+
+        def counting():
+            nonlocal scans
+            scans += 1
+            return envelopes()
+        spool.envelopes = counting
+        sched = Scheduler(relay.cfg, spool, DNSResolver([("127.0.0.1", dns_port)], 3.0))
+        sched.start()
+        await until(lambda: len(sink.messages) == 30 and not list(envelopes()))
+        await sched.stop()
+        await spool.close()
+        for s in servers:
+            s.close()
+        return scans
+    scans = asyncio.run(go())
+    assert scans <= 5, f"{scans} full queue scans for 30 messages"

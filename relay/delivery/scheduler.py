@@ -156,6 +156,10 @@ class Scheduler:
         self._max_inflight = max(2, 2 * self.d.max_connections)
         # New messages, in arrival order, waiting for an attempt slot.
         self._new: collections.deque[Envelope] = collections.deque()
+        # Due messages a scan found while every slot was busy: started as slots free,
+        # before the queue is scanned again (a scan per finished attempt would cost
+        # O(queue) per message when a backlog builds up after an outage).
+        self._backlog: collections.deque[str] = collections.deque()
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flush = False
@@ -229,23 +233,32 @@ class Scheduler:
         new = self._new
         while new and len(self._inflight) < self._max_inflight:
             self._maybe_start(new.popleft(), now, False)
+        backlog = self._backlog
+        if self._flush:
+            backlog.clear()             # the flush scan below finds them all again
+        while backlog and len(self._inflight) < self._max_inflight:
+            env = self.spool.get(backlog.popleft())
+            if env is not None and not env.held:
+                self._maybe_start(env, now, False)
+        if backlog:
+            return MAX_SLEEP            # a finishing attempt sets the event
         if not (self._flush or now >= self._scan_at):
             return max(0.0, min(self._scan_at - now, MAX_SLEEP))
         flush, self._flush = self._flush, False
         next_due = now + MAX_SLEEP
-        backlog = False
         waiting = {e.queue_id for e in new}
         for env in self.spool.envelopes():
             if env.queue_id in self._inflight or env.held or env.queue_id in waiting:
                 continue
             if not env.pending() or flush or env.next_attempt() <= now:
-                if not self._maybe_start(env, now, flush):
-                    backlog = True
+                if len(self._inflight) < self._max_inflight:
+                    self._maybe_start(env, now, flush)
+                else:
+                    backlog.append(env.queue_id)
             else:
                 next_due = min(next_due, env.next_attempt())
-        # With a backlog, look again as soon as an attempt finishes (it sets the event).
-        self._scan_at = now if backlog else next_due
-        return max(0.0, min(next_due - now, MAX_SLEEP)) if not backlog else MAX_SLEEP
+        self._scan_at = next_due
+        return MAX_SLEEP if backlog else max(0.0, min(next_due - now, MAX_SLEEP))
 
     def _maybe_start(self, env: Envelope, now: float, flush: bool) -> bool:
         if env.queue_id in self._inflight:
