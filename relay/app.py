@@ -88,6 +88,8 @@ class App:
         self._tasks.append(asyncio.create_task(
             control.poll(self.spool, self._flush, quiesce=self.quiesce), name="queue-control"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.workers > 1:
+            self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
         if self.config_path:
             with contextlib.suppress(OSError):
                 self._config_mtime = os.stat(self.config_path).st_mtime
@@ -188,9 +190,7 @@ class App:
 
     # --- health -----------------------------------------------------------------------
 
-    async def ready(self) -> list[str]:
-        """Why the relay cannot take mail right now ([] = ready)."""
-        from relay.http import spool_problems
+    def _own_problems(self) -> list[str]:
         problems = []
         if self.draining:
             problems.append("draining")
@@ -199,9 +199,52 @@ class App:
                 problems.append(f"listener {s.listener.name} not accepting")
         if self.scheduler is not None and not getattr(self.scheduler, "alive", True):
             problems.append("delivery workers not running")
+        return problems
+
+    async def ready(self) -> list[str]:
+        """Why the relay cannot take mail right now ([] = ready). Worker 0 answers the
+        probe for the whole pod, so it also reads the other workers' heartbeats."""
+        from relay.http import spool_problems
+        problems = self._own_problems()
         problems += await asyncio.to_thread(spool_problems, self.cfg.spool.path,
                                             self.cfg.http.min_free_space)
+        problems += await asyncio.to_thread(self._other_workers)
         return problems
+
+    # Each worker writes status/w<N>.json this often; one older than STALE is stuck.
+    HEARTBEAT, STALE = 2.0, 10.0
+
+    def _heartbeat(self) -> None:
+        import json
+
+        from relay.durable import write_atomic
+        d = Path(self.cfg.spool.path) / "status"
+        d.mkdir(exist_ok=True)
+        status = {"pid": os.getpid(), "time": time.time(), "problems": self._own_problems()}
+        write_atomic(d / f"w{self.worker}.json", json.dumps(status).encode(), 0o644,
+                     sync=False)
+
+    def _other_workers(self) -> list[str]:
+        import json
+        out = []
+        for w in range(1, self.workers):
+            try:
+                st = json.loads((Path(self.cfg.spool.path) / "status" / f"w{w}.json").read_text())
+            except (OSError, ValueError):
+                out.append(f"worker {w} not reporting")
+                continue
+            if time.time() - st.get("time", 0) > self.STALE:
+                out.append(f"worker {w} (pid {st.get('pid')}) not responding")
+            out += [f"worker {w}: {p}" for p in st.get("problems", [])]
+        return out
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                self._heartbeat()
+            except OSError as e:
+                log.error("cannot write worker status: %s", e)
+            await asyncio.sleep(self.HEARTBEAT)
 
     async def _housekeeping(self) -> None:
         """Once a minute: compact the oldest segment, expire quarantine, refresh gauges;

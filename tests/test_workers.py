@@ -43,3 +43,43 @@ def test_two_workers_share_listener_spool_and_metrics(tmp_path):
     writers = {p.name.split("-")[0] for p in (r.spool_path / "segments").glob("w*-*.log")}
     assert writers == {"w0"}
     assert len(r.queued()) == sent
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    import urllib.error
+    try:
+        r = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _until(pred, timeout: float = 30.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_readiness_covers_every_worker(tmp_path):
+    """Worker 0 answers /readyz for the pod: a worker that stops responding (SIGSTOP)
+    makes it 503 within the heartbeat's staleness window, and ready again after."""
+    import json
+    import os
+    import signal
+    r = RelayProcess(tmp_path, {"workers": 2, "delivery": {"enabled": False}})
+    try:
+        _until(lambda: _readyz(r.http_port)[0] == 200)
+        status = r.spool_path / "status" / "w1.json"
+        pid = json.loads(status.read_text())["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _until(lambda: _readyz(r.http_port)[0] == 503)
+            assert "worker 1" in _readyz(r.http_port)[1]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _until(lambda: _readyz(r.http_port)[0] == 200)
+        assert r.stop() == 0
+    finally:
+        r.kill()
