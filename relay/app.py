@@ -178,7 +178,8 @@ class App:
             for addr, implicit in ((q.pop3_address, False), (q.pop3s_address, True)):
                 if addr is not None and (ssl_ctx is not None or not implicit):
                     self.mail_servers.append(await start_pop3(
-                        q, self.store, ssl_ctx, addr.host, addr.port, implicit_tls=implicit))
+                        q, self.store, ssl_ctx, addr.host, addr.port, implicit_tls=implicit,
+                        cleartext_login=True if q.cleartext_login else None))
         except ImportError:
             pass
 

@@ -309,6 +309,9 @@ class QuarantineConfig:
     users_file: str = ""
     # POP3 DELE: 'discard' deletes the message; 'hide' only hides it from POP3.
     pop3_delete: Literal["discard", "hide"] = "discard"
+    # Passwords before TLS (IMAP LOGIN, POP3 USER/PASS) are refused except from
+    # loopback; true allows them from anywhere (behind a TLS-terminating proxy only).
+    cleartext_login: bool = False
     digest_interval: Duration = Duration(0)
     digest_from: str = ""
     max_connections_per_ip: int = 20

@@ -86,7 +86,8 @@ class IMAPServer:
         self._conns.add(task)
         session = Session(self.store, writer.write, ip, tls=self.implicit_tls,
                           starttls_ok=self.ssl_context is not None and not self.implicit_tls,
-                          on_release=self.on_release, cleartext_login=_is_loopback(ip))
+                          on_release=self.on_release,
+                          cleartext_login=self.cfg.cleartext_login or _is_loopback(ip))
         try:
             await self._run(reader, writer, session)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
