@@ -6,6 +6,7 @@ Used by tests/test_filter_dkim.py and tests/test_filter_dmarc.py only.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -133,3 +134,26 @@ def context(resolver, message: bytes, *, trusted: bool = False,
 
 def crlf(text: str) -> bytes:
     return text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+def rsa_key(bits: int = 2048, fmt=None) -> tuple[bytes, str]:
+    """A fresh RSA signing key (PEM) and its DKIM TXT record."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    k = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = k.private_bytes(serialization.Encoding.PEM, fmt or serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    pub = k.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(pub).decode()}"
+
+
+def ed25519_key() -> tuple[bytes, str]:
+    """A fresh Ed25519 signing key (PKCS#8 PEM) and its DKIM TXT record (RFC 8463)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    k = ed25519.Ed25519PrivateKey.generate()
+    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    raw = k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return pem, f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"

@@ -4,7 +4,6 @@ dkimpy and by OpenDKIM, the shared conformance vectors, and the l= append attack
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
 import shutil
@@ -12,9 +11,8 @@ import subprocess
 
 import dkim
 import pytest
-from _mailauth import DKIM_VECTORS, Dnsmasq, context, crlf, read_testkeys
+from _mailauth import DKIM_VECTORS, Dnsmasq, context, crlf, ed25519_key, read_testkeys, rsa_key
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from filters.dkim import DKIMFilter, verify
 from relay.config import ConfigError
@@ -36,28 +34,14 @@ here are the numbers.
 
 # --- keys and DNS -------------------------------------------------------------------
 
-def _rsa_pem(bits: int = 2048, fmt=serialization.PrivateFormat.PKCS8):
-    k = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = k.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    pub = k.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(pub).decode()}"
-
-
-def _ed_pem():
-    k = ed25519.Ed25519PrivateKey.generate()
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    raw = k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return pem, f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("keys")
-    rsa_pem, rsa_txt = _rsa_pem()
-    ed_pem, ed_txt = _ed_pem()
-    small_pem, small_txt = _rsa_pem(1024, serialization.PrivateFormat.TraditionalOpenSSL)
+    rsa_pem, rsa_txt = rsa_key()
+    ed_pem, ed_txt = ed25519_key()
+    small_pem, small_txt = rsa_key(1024, serialization.PrivateFormat.TraditionalOpenSSL)
     (d / "rsa.pem").write_bytes(rsa_pem)
     (d / "ed.pem").write_bytes(ed_pem)
     (d / "rsa1024.pem").write_bytes(small_pem)

@@ -28,12 +28,12 @@ import dns.rdatatype
 import pytest
 from aiosmtpd.controller import Controller
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relay.pipeline.authres import read_authserv_id
 from relay.smtp.auth import hash_password
 from tests._delivery import Sink
-from tests._mailauth import Dnsmasq
+from tests._mailauth import Dnsmasq, ed25519_key, rsa_key
 from tests._relay import RelayProcess, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq missing")
@@ -44,28 +44,13 @@ RCPT = "rcpt@sink.test"
 
 # --- keys, DNS, sink, relay -----------------------------------------------------------
 
-def _rsa() -> tuple[bytes, str]:
-    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    pub = k.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(pub).decode()}"
-
-
-def _ed25519() -> tuple[bytes, str]:
-    k = ed25519.Ed25519PrivateKey.generate()
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    raw = k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return pem, f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("keys")
     out = {}
-    for name, make in (("rsa", _rsa), ("ed", _ed25519), ("third", _rsa)):
+    for name, make in (("rsa", rsa_key), ("ed", ed25519_key), ("third", rsa_key)):
         pem, txt = make()
         (d / f"{name}.pem").write_bytes(pem)
         out[name] = (str(d / f"{name}.pem"), pem, txt)
