@@ -83,12 +83,36 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
     return _HDR.pack(MAGIC, kind, len(payload), zlib.crc32(payload, zlib.crc32(kind))) + payload
 
 
-def _frame_parts(kind: bytes, parts: list[bytes]) -> bytes:
-    """_frame of b"".join(parts), built with a single copy of the (large) body."""
+def _frame_parts(kind: bytes, parts: list[bytes]) -> list[bytes]:
+    """_frame of b"".join(parts), as pieces for writev: the (large) body is never copied
+    in user space."""
     crc = zlib.crc32(kind)
     for p in parts:
         crc = zlib.crc32(p, crc)
-    return b"".join([_HDR.pack(MAGIC, kind, sum(map(len, parts)), crc), *parts])
+    return [_HDR.pack(MAGIC, kind, sum(map(len, parts)), crc), *parts]
+
+
+# Pieces per writev call (the kernel's limit; 1024 on Linux).
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    """Write every piece, in order, with as few system calls as the kernel allows."""
+    i = 0
+    while i < len(pieces):
+        batch = pieces[i:i + _IOV_MAX]
+        n = os.writev(fd, batch)
+        for p in batch:
+            if n < len(p):
+                # A short write (a signal, a full disk on the way): the rest of this
+                # piece first, then carry on with the next ones.
+                rest = memoryview(p)[n:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+                i += 1
+                break
+            n -= len(p)
+            i += 1
 
 
 class _Segment:
@@ -106,7 +130,8 @@ class Spool:
         self._entries: dict[str, _Entry] = {}
         self._segments: dict[int, _Segment] = {}
         self._active: _Segment | None = None
-        self._pending: list[tuple[bytes, asyncio.Future, Callable[[int], None] | None]] = []
+        self._pending: list[tuple[bytes | list[bytes], asyncio.Future,
+                                  Callable[[int], None] | None]] = []
         self._wake: asyncio.Event | None = None
         self._committer: asyncio.Task | None = None
         self._subscribers: list[Callable[[Envelope], None]] = []
@@ -265,8 +290,8 @@ class Spool:
 
     # --- writing ------------------------------------------------------------------
 
-    def _append(self, record: bytes, on_written: Callable[[int], None] | None = None,
-                ) -> asyncio.Future:
+    def _append(self, record: bytes | list[bytes],
+                on_written: Callable[[int], None] | None = None) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((record, fut, on_written))
         assert self._wake is not None
@@ -303,20 +328,28 @@ class Spool:
                 if not fut.done():
                     fut.set_result(off)
 
-    def _write_batch(self, records: list[bytes]) -> list[int]:
-        """Append records and fdatasync once; return each record's offset. On failure
-        the segment is cut back to where it was, so no half record stays behind."""
+    def _write_batch(self, records: list[bytes | list[bytes]]) -> list[int]:
+        """Append records (each bytes or a list of pieces) and fdatasync once; return
+        each record's offset. On failure the segment is cut back to where it was, so no
+        half record stays behind."""
         seg = self._active
         assert seg is not None
         if seg.size >= self.cfg.segment_size:
             seg = self._active = self._new_segment(seg.seq + 1)
         start = seg.size
-        data = b"".join(records)
+        pieces: list[bytes] = []
+        offsets: list[int] = []
+        off = start
+        for r in records:
+            offsets.append(off)
+            if isinstance(r, bytes):
+                pieces.append(r)
+                off += len(r)
+            else:
+                pieces.extend(r)
+                off += sum(map(len, r))
         try:
-            written = 0
-            view = memoryview(data)
-            while written < len(data):
-                written += os.write(seg.fd, view[written:])
+            _write_all(seg.fd, pieces)
             os.fdatasync(seg.fd)
         except OSError:
             try:
@@ -326,11 +359,7 @@ class Spool:
                 # follow garbage. Recovery treats this tail as torn.
                 self._active = self._new_segment(seg.seq + 1)
             raise
-        seg.size = start + len(data)
-        offsets, off = [], start
-        for r in records:
-            offsets.append(off)
-            off += len(r)
+        seg.size = off
         return offsets
 
     def check_space(self, size: int = 0) -> None:
