@@ -29,6 +29,13 @@ MAX_LINE = 1001
 HEADER_LIMIT = 1 << 20
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
+try:
+    # The C fast path for clean chunks (relay/smtp/_scan.c); this module stays the
+    # reference and takes every chunk when the extension was not built.
+    from relay.smtp._scan import scan as _scan
+except ImportError:             # pragma: no cover - depends on the build
+    _scan = None
+
 
 class DataError(enum.Enum):
     NONE = "none"
@@ -59,6 +66,21 @@ class DataReader:
         the final dot; nothing more may be fed."""
         assert not self.done
         buf = self._tail + data if self._tail else data
+        fast = _scan(buf, self.max_line) if _scan is not None else None
+        if fast is not None:
+            # A clean chunk (the usual case): the C scan found the end, the cut and
+            # whether any line starts with a dot, in one pass.
+            end, cut, dots = fast
+            if end >= 0:
+                content, rest = buf[:end], buf[end + 3:]
+                self._tail = b""
+                self.done = True
+            else:
+                content, rest = buf[:cut], b""
+                self._tail = buf[cut:]
+            if not content:
+                return [], rest
+            return self._store(self._unstuff(content) if dots else content), rest
         # The content always starts at a line start, so the end marker may be the first
         # three bytes; elsewhere it is CRLF.CRLF with the CRLF belonging to the content.
         if buf.startswith(b".\r\n"):
@@ -111,15 +133,24 @@ class DataReader:
         if len(content) > self.max_line and self.error is DataError.NONE:
             if longest > self.max_line:
                 self._flag(DataError.LINE_TOO_LONG)
+        if b"." in content:
+            content = self._unstuff(content)
+        return self._store(content)
+
+    def _unstuff(self, content: bytes) -> bytes:
+        """Undo dot-stuffing (RFC 5321 4.5.2) in whole CRLF-only lines."""
         # content starts at a line start: a leading dot is stuffing too.
         if content[:1] == b".":
             content = content[1:]
             self.dots = True
         # Every LF left is part of a CRLF here (bare ones were refused or normalised),
         # and searching the three bytes is cheaper than "\n." (fewer false starts).
-        if b"." in content and b"\r\n." in content:
+        if b"\r\n." in content:
             content = content.replace(b"\r\n.", b"\r\n")
             self.dots = True
+        return content
+
+    def _store(self, content: bytes) -> list[bytes]:
         self.size += len(content)
         if self.size > self.max_size:
             self._flag(DataError.TOO_BIG)
@@ -132,6 +163,14 @@ class DataReader:
     def _split_head(self, content: bytes) -> list[bytes]:
         """Collect the header block (up to the empty line) for filters to edit."""
         hb = self._head_buf
+        if not hb:
+            # Usually the whole header block is in the first chunk: split it there,
+            # without copying the chunk into the buffer first.
+            i = 0 if content[:2] == b"\r\n" else content.find(b"\r\n\r\n")
+            if i >= 0:
+                end = i + 2 if i else 0
+                self.head = bytes(content[:end])
+                return [content[end:]] if end < len(content) else []
         start = max(0, len(hb) - 3)
         hb += content
         if hb[:2] == b"\r\n":
