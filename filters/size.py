@@ -36,6 +36,10 @@ class SizeFilter(Filter):
         o = parse_section(SizeOptions, options, "filters.size")
         self.listeners = {k: Size.parse(v) for k, v in (o.listeners or {}).items()}
         self.senders = o.senders
+        if not self.listeners and not self.senders:
+            # Nothing below smtp.max_message_size, which the SMTP session enforces
+            # itself: stay out of the per-message path.
+            self.stages = frozenset()
 
     def limit(self, ctx: Context) -> int:
         limits = [self.listeners[ctx.listener]] if ctx.listener in self.listeners else []

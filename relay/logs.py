@@ -7,6 +7,7 @@ format lifts that id into a "queue_id" field for log pipelines.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -49,6 +50,58 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
+class LoopBatchedHandler(logging.StreamHandler):
+    """Lines logged on the event loop are written together once the loop has run what
+    is ready now (within the same turn of the loop, well under a millisecond), one
+    write per turn instead of one per line. A write per line cost a tenth of the
+    relay's CPU: each is a system call that hands the GIL to the spool's fsync thread
+    and, on a pipe (Kubernetes), wakes the log reader. Lines from other threads, and
+    any line logged with no loop running, are written at once. A SIGKILL loses at
+    most the current turn's lines; nothing is buffered across a fork."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with the handler's lock held (Handler.handle).
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self.flush()
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+            return
+        if not self._lines:
+            loop.call_soon(self.flush)
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._lines:
+                self._lines.append("")
+                text, self._lines = "\n".join(self._lines), []
+                self.stream.write(text)
+            self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self._lines = []
+        finally:
+            self.release()
+
+
+def _flush_before_fork() -> None:
+    for h in logging.getLogger().handlers:
+        if isinstance(h, LoopBatchedHandler):
+            h.flush()
+
+
+os.register_at_fork(before=_flush_before_fork)
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     # Per-record work we never print: the caller's file and line (a stack walk), the
     # thread and the multiprocessing names. A few log lines per message made this a
@@ -56,7 +109,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchedHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:

@@ -13,6 +13,7 @@ domain takes no mail: permanent failure 556 5.1.10 at once.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ class MXError(Exception):
         return self.code < 500
 
 
+@functools.lru_cache(maxsize=4096)
 def _literal(host: str) -> str | None:
+    """The address if `host` is an IP literal. Cached: every delivery asks it of its
+    hop, and ipaddress parsing (an exception for every name) showed in the profile."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
