@@ -206,3 +206,11 @@ def test_fast_path_agrees_with_the_reference(tokens, step, max_line, normalize):
     finally:
         data_mod._scan = FAST
     assert fast == ref
+
+
+def test_eight_bit_flag_tells_whether_any_byte_is_above_127():
+    for wire, eight in [(b"a\r\n\r\nb\r\n.\r\n", False), (b"a\r\n\r\nb\xc3\xa9\r\n.\r\n", True),
+                        (b"S: \xff\r\n\r\nb\r\n.\r\n", True)]:
+        for chunks in splits(wire):
+            r, _, _ = feed_all(chunks)
+            assert r.done and r.eight_bit is eight, (wire, chunks)

@@ -57,6 +57,8 @@ class DataReader:
         # Did any line start with '.'? If not, the content (CRLF-only by now) is its own
         # wire form: delivery sends it without scanning it again for dots.
         self.dots = False
+        # Any byte above 127? Delivery must know before MAIL FROM (BODY=8BITMIME).
+        self.eight_bit = False
         self._head_buf = bytearray()
         self._tail = b""                # an unfinished line, at most max_line-ish
 
@@ -152,6 +154,8 @@ class DataReader:
 
     def _store(self, content: bytes) -> list[bytes]:
         self.size += len(content)
+        if not self.eight_bit and not content.isascii():
+            self.eight_bit = True
         if self.size > self.max_size:
             self._flag(DataError.TOO_BIG)
         if self.error is not DataError.NONE:
