@@ -11,7 +11,14 @@ import pytest
 import trustme
 from _delivery import Scripted, Sink, authenticator, start_sinks
 
-from relay.delivery.client import Connection, Message, SessionError, Timeouts, TLSFailure
+from relay.delivery.client import (
+    Connection,
+    Message,
+    SessionError,
+    StaleSession,
+    Timeouts,
+    TLSFailure,
+)
 from relay.delivery.mx import Target
 from relay.delivery.wire import to_wire
 
@@ -286,3 +293,69 @@ def test_connect_refused_is_temporary():
         return e.value
     err = asyncio.run(go())
     assert err.kind == "network" and err.reply.enhanced == "4.4.1"
+
+
+class _CountingSink(Sink):
+    """Counts RSETs; `stale_after`: answer 421 to a session's MAIL after that many."""
+
+    def __init__(self, stale_after: int = 0, **kw):
+        super().__init__(**kw)
+        self.rsets = 0
+        self.stale_after = stale_after
+
+    async def handle_RSET(self, server, session, envelope):
+        self.rsets += 1
+        return "250 OK"
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        n = getattr(session, "mails", 0) + 1
+        session.mails = n
+        if self.stale_after and n > self.stale_after:
+            return "421 4.4.2 idle too long, closing"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+def test_no_rset_after_a_completed_transaction_one_after_an_open_one():
+    """RFC 5321 4.1.1.4: after the reply to the final dot the server is ready for MAIL.
+    Only a transaction left open (every recipient refused) needs RSET before reuse."""
+    async def go():
+        sink = _CountingSink(rcpt_replies={"nobody@x.test": "550 5.1.1 no such user"})
+        port, servers = await start_sinks(["127.0.0.1"], [sink])
+        conn = await Connection.open(Target("h", "127.0.0.1", port), helo_name="relay.test",
+                                     timeouts=T, tls_level="none")
+        assert [r.code for r in await conn.send(msg("a@x.test"))] == [250]
+        assert await conn.reset() and sink.rsets == 0
+        assert [r.code for r in await conn.send(msg("nobody@x.test"))] == [550]
+        assert await conn.reset() and sink.rsets == 1
+        assert [r.code for r in await conn.send(msg("b@x.test"))] == [250]
+        await conn.close()
+        for s in servers:
+            s.close()
+        assert [m.rcpts for m in sink.messages] == [["a@x.test"], ["b@x.test"]]
+    asyncio.run(go())
+
+
+def test_a_reused_session_refused_at_mail_is_stale_a_new_one_is_not():
+    async def go():
+        sink = _CountingSink(stale_after=1)
+        port, servers = await start_sinks(["127.0.0.1"], [sink])
+        target = Target("h", "127.0.0.1", port)
+        conn = await Connection.open(target, helo_name="relay.test", timeouts=T,
+                                     tls_level="none")
+        assert [r.code for r in await conn.send(msg("a@x.test"))] == [250]
+        assert await conn.reset()
+        with pytest.raises(StaleSession):
+            await conn.send(msg("b@x.test"))
+        assert not conn.usable
+        conn.abort()
+        # On a fresh session the same 421 is the next hop's answer, not staleness.
+        sink.stale_after = 0
+        conn = await Connection.open(target, helo_name="relay.test", timeouts=T,
+                                     tls_level="none")
+        sink.stale_after = -1      # every MAIL: 421 (n > -1)
+        r = await conn.send(msg("c@x.test"))
+        assert [x.code for x in r] == [421] and not conn.usable
+        conn.abort()
+        for s in servers:
+            s.close()
+    asyncio.run(go())

@@ -366,3 +366,35 @@ def test_backlog_after_an_outage_is_worked_off_without_a_scan_per_message(tmp_pa
         return scans
     scans = asyncio.run(go())
     assert scans <= 5, f"{scans} full queue scans for 30 messages"
+
+
+class _StaleSink(Sink):
+    """Answers 421 to the second MAIL of every session: a cached session gone stale."""
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        session.mails = getattr(session, "mails", 0) + 1
+        if session.mails > 1:
+            return "421 4.4.2 idle too long, closing"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+def test_stale_cached_session_is_replaced_at_once_not_deferred(tmp_path, dns_port, caplog):
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    sink = _StaleSink()
+
+    async def go():
+        port, servers = await start_sinks(["127.0.0.9"], [sink])
+        transport = (TransportRoute(Domain.parse("*.corp.test"), f"[127.0.0.9]:{port}"),)
+        async with Relay(tmp_path, dns_port, port, transport=transport,
+                         max_connections_per_destination=1) as relay:
+            for i in range(3):
+                await relay.add(env_for("s@x.test", f"u{i}@a.corp.test"), message(f"m{i}"))
+            await until(lambda: len(sink.messages) == 3 and not relay.queued())
+        for s in servers:
+            s.close()
+
+    asyncio.run(go())
+    text = caplog.text
+    assert "status=deferred" not in text
+    # Each message after the first found the cached session stale and took a new one.
+    assert text.count("was stale") >= 1 and sink.sessions >= 2

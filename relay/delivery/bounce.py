@@ -2,9 +2,11 @@
 
 Takes the queued message's Envelope, the recipients to report on (their `last_error`
 holds the last SMTP reply or local error text), the action (failed, delayed, delivered,
-relayed), the original message bytes as stored and our host name. Hands back a new
-Envelope (null sender, one recipient = the original sender, `is_bounce=True`) and the
-report's bytes, ready for `spool.add`. The caller queues it; nothing here does I/O.
+relayed), the original message bytes as stored (or only its header section, with the
+whole message's size, when it will not be returned in full) and our host name. Hands
+back a new Envelope (null sender, one recipient = the original sender,
+`is_bounce=True`) and the report's bytes, ready for `spool.add`. The caller queues
+it; nothing here does I/O.
 
 Trusts nothing in the reply texts, ENVID, ORCPT or the original: remote reply text is
 reduced to printable ASCII and folded, xtext is decoded only when the result is
@@ -98,14 +100,17 @@ def build_dsn(env: Envelope, rcpts: list[Recipient], action: str, original: byte
               reporting_mta: str, now: float | None = None, *,
               lifetime: float = 5 * 86400,
               remote_mtas: Mapping[str, str] | None = None,
-              max_full: int = MAX_FULL) -> tuple[Envelope, bytes]:
+              max_full: int = MAX_FULL,
+              original_size: int | None = None) -> tuple[Envelope, bytes]:
     """Build one DSN for `rcpts` of `env` with `action`.
 
     Recipients whose NOTIFY does not ask for this action are left out (wants_dsn).
     Raises ValueError for a null sender, a bounce (never bounce a bounce), an unknown
     action, or when no recipient is left to report on. `lifetime` gives the
     Will-Retry-Until of a delay report (arrival + lifetime); `remote_mtas` maps a
-    recipient address to the host that gave its reply, when known."""
+    recipient address to the host that gave its reply, when known. `original_size`:
+    `original` is only the message's header section (or a first piece that starts with
+    it) and the whole message has this many bytes, so it is never returned in full."""
     if action not in ACTIONS:
         raise ValueError(f"unknown DSN action {action!r}")
     if env.is_bounce:
@@ -122,7 +127,7 @@ def build_dsn(env: Envelope, rcpts: list[Recipient], action: str, original: byte
     original = _crlf(original)
     head = _header_block(original)
     full = (action == "failed" and (env.ret or "").upper() == "FULL"
-            and len(original) <= max_full)
+            and original_size is None and len(original) <= max_full)
     returned = original if full else head
     eight_bit = not returned.isascii()
     boundary = _boundary(returned, mta)

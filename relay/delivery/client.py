@@ -9,9 +9,11 @@ smtp_proto.ReplyParser, and a STARTTLS 220 followed by any further byte is refus
 response injection (CVE-2011-0411 class) instead of being read as if it came over TLS.
 
 Reading and writing only: parsing and rendering live in smtp_proto, the bytes of DATA
-come ready-made from relay.delivery.wire. RFC 5321 (4.5.3.2 timeouts), 3207 STARTTLS,
-4954 AUTH (PLAIN/LOGIN, only over TLS), 2920 PIPELINING (MAIL, RCPTs and DATA in one
-write), 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN parameters.
+come ready-made from relay.delivery.wire, whole or as a stream of pieces written with
+flow control (the next piece is asked for only once the transport has room), so a
+session holds O(piece) of a message however big it is. RFC 5321 (4.5.3.2 timeouts),
+3207 STARTTLS, 4954 AUTH (PLAIN/LOGIN, only over TLS), 2920 PIPELINING (MAIL, RCPTs and
+DATA in one write), 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN parameters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import asyncio
 import base64
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.delivery import smtp_proto as sp
 from relay.delivery.mx import Target
@@ -45,7 +49,13 @@ class SessionError(Exception):
     def __init__(self, reply: Reply, kind: str = "reply"):
         super().__init__(str(reply))
         self.reply = reply
-        self.kind = kind    # network | tls | protocol | reply | auth
+        self.kind = kind    # network | tls | protocol | reply | auth | local
+
+
+class StaleSession(Exception):
+    """A reused session that the next hop had already dropped (lost, or a 421, before
+    it answered MAIL): nothing of the message was accepted, so a fresh session to the
+    same target may try at once instead of deferring the message."""
 
 
 class TLSFailure(SessionError):
@@ -60,13 +70,26 @@ class Timeouts:
     data: float = 600.0
 
 
+class WireSource(Protocol):
+    """DATA bytes as a stream (the scheduler's: WireEncoder over the spool's pieces)."""
+
+    # The message's size as stored, for SIZE= (RFC 1870 4: CRLF line ends counted, the
+    # transparency dots and the final dot not).
+    size: int
+
+    def pieces(self) -> AsyncIterator[bytes | memoryview]:
+        """A fresh stream of the whole wire form (terminator included) per call."""
+        ...
+
+
 @dataclass(frozen=True)
 class Message:
-    """One transaction: envelope values as queued, DATA bytes from wire.to_wire."""
+    """One transaction: envelope values as queued, DATA bytes from relay.delivery.wire
+    (whole, as to_wire gives them, or a WireSource)."""
 
     sender: str
     recipients: tuple[tuple[str, str | None, str | None], ...]   # (address, NOTIFY, ORCPT)
-    wire: bytes
+    wire: bytes | WireSource
     ret: str | None = None
     envid: str | None = None
     body8bit: bool = False
@@ -140,7 +163,7 @@ class _Pipe(asyncio.Protocol):
                 timer.cancel()
                 self._waiter = None
 
-    async def write(self, data: bytes, seconds: float) -> None:
+    async def write(self, data: bytes | memoryview, seconds: float) -> None:
         """Write all of `data` within `seconds` (flow control: waits only while the
         transport is paused, so the common case arms no timer)."""
         if self.transport is None or self.transport.is_closing():
@@ -158,6 +181,22 @@ class _Pipe(asyncio.Protocol):
             async with asyncio.timeout_at(deadline):
                 await self._can_write.wait()
 
+    async def writelines(self, pieces: list[bytes | memoryview], seconds: float) -> None:
+        """Write several pieces with one system call (a small message's head, body and
+        final dot would otherwise be three sends, each waking the next hop)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        deadline = asyncio.get_running_loop().time() + seconds
+        if not self._can_write.is_set():
+            async with asyncio.timeout_at(deadline):
+                await self._can_write.wait()
+        if self.eof:
+            raise ConnectionResetError("connection closed by next hop")
+        self.transport.writelines(pieces)
+        if not self._can_write.is_set():
+            async with asyncio.timeout_at(deadline):
+                await self._can_write.wait()
+
 
 class Connection:
     """One SMTP session. Use `open`, then `send` once per message, `reset` between
@@ -171,6 +210,8 @@ class Connection:
         self.tls = "none"            # none | encrypted | verified
         self.usable = True
         self.messages = 0
+        self._open = False              # a transaction the next hop still holds open
+        self._mail_answered = False     # this transaction's MAIL got a reply
         self._counted = True
         OUTBOUND_CONNECTIONS.inc()
 
@@ -312,10 +353,14 @@ class Connection:
 
     # --- mail -------------------------------------------------------------------------
 
+    @staticmethod
+    def _size(msg: Message) -> int:
+        return len(msg.wire) if isinstance(msg.wire, bytes) else msg.wire.size
+
     def _mail_params(self, msg: Message) -> dict[str, str | None]:
         p: dict[str, str | None] = {}
         if "SIZE" in self.ext:
-            p["SIZE"] = str(len(msg.wire))
+            p["SIZE"] = str(self._size(msg))
         if msg.body8bit and "8BITMIME" in self.ext:
             p["BODY"] = "8BITMIME"
         if msg.smtputf8 and "SMTPUTF8" in self.ext:
@@ -339,9 +384,10 @@ class Connection:
     def _precheck(self, msg: Message) -> Reply | None:
         """A reason no recipient of `msg` can go to this next hop, before any command."""
         limit = self.ext.size_limit
-        if limit and len(msg.wire) > limit:
+        size = self._size(msg)
+        if limit and size > limit:
             return local_reply(552, "5.3.4",
-                               f"message size {len(msg.wire)} exceeds {self.target}'s limit {limit}")
+                               f"message size {size} exceeds {self.target}'s limit {limit}")
         needs_utf8 = not msg.sender.isascii() or any(not a.isascii() for a, _, _ in msg.recipients)
         if needs_utf8 and "SMTPUTF8" not in self.ext:
             return local_reply(553, "5.6.7",
@@ -372,11 +418,14 @@ class Connection:
         if all(c is None for c in rcpt_cmds):
             return [r for r in local if r is not None]
         self.messages += 1
+        self._mail_answered = False
         try:
             return await self._guard(self._transaction(msg, mail_cmd, rcpt_cmds, local))
         except SessionError as e:
-            # Lost mid-transaction: nobody knows what the next hop kept; retry later.
             self.usable = False
+            if self.messages > 1 and not self._mail_answered:
+                raise StaleSession(str(e.reply)) from None
+            # Lost mid-transaction: nobody knows what the next hop kept; retry later.
             return [r if r is not None else e.reply for r in local]
 
     async def _transaction(self, msg: Message, mail_cmd: bytes, rcpt_cmds: list[bytes | None],
@@ -388,11 +437,11 @@ class Connection:
         if pipelining:
             # RFC 2920 3.1: MAIL, every RCPT and DATA in one write; replies come in order.
             await self._pipe.write(mail_cmd + b"".join(sent) + sp.DATA, t)
-            mail = await self._pipe.read_reply(t)
+            mail = await self._mail_reply(self._pipe.read_reply(t))
             rcpt_replies = [await self._pipe.read_reply(t) for _ in sent]
             data = await self._pipe.read_reply(t)
         else:
-            mail = await self._command(mail_cmd)
+            mail = await self._mail_reply(self._command(mail_cmd))
             rcpt_replies = []
             if mail.code == 250:
                 for c in sent:
@@ -424,17 +473,50 @@ class Connection:
                 self.usable = False
             return results  # type: ignore[return-value]
         try:
-            await self._pipe.write(msg.wire, self.timeouts.data)
+            if isinstance(msg.wire, bytes):
+                await self._pipe.write(msg.wire, self.timeouts.data)
+            else:
+                await self._write_stream(msg.wire)
             final = await self._pipe.read_reply(self.timeouts.data)
         except BaseException:
             self.usable = False
             raise
+        self._open = False
         if not final.is_ok:
             # Never reuse after a failed DATA: the server's state is not worth trusting.
             self.usable = False
         for i in accepted:
             results[i] = final
         return results  # type: ignore[return-value]
+
+    async def _write_stream(self, source: WireSource) -> None:
+        """Each piece within the data timeout (RFC 5321 4.5.3.2.5: per block sent). A
+        failure to read the message ends the session without the final dot, so the next
+        hop discards the partial message; the recipients get a local 4xx."""
+        pieces = source.pieces()
+        batch: list[bytes | memoryview] = []
+        size = 0
+        try:
+            while True:
+                try:
+                    piece = await anext(pieces)
+                except StopAsyncIteration:
+                    break
+                except Exception as e:     # the spool's error, not the next hop's
+                    log.warning("reading a queued message for %s failed: %r", self.target, e)
+                    raise SessionError(local_reply(451, "4.3.0",
+                                                   f"cannot read the queued message: {e}"),
+                                       "local") from None
+                # Pieces go out together up to _WRITE_CHUNK: one send per small message.
+                batch.append(piece)
+                size += len(piece)
+                if size >= _WRITE_CHUNK:
+                    await self._pipe.writelines(batch, self.timeouts.data)
+                    batch, size = [], 0
+            if batch:
+                await self._pipe.writelines(batch, self.timeouts.data)
+        finally:
+            await pieces.aclose()       # type: ignore[attr-defined]
 
     async def _abort_data(self) -> None:
         """A 354 with no recipient accepted (RFC 2920 3.1): send an empty message's end
@@ -443,16 +525,31 @@ class Connection:
         await self._pipe.write(b".\r\n", self.timeouts.command)
         await self._pipe.read_reply(self.timeouts.command)
 
+    async def _mail_reply(self, coro) -> Reply:  # type: ignore[no-untyped-def]
+        mail = await coro
+        self._mail_answered = True
+        if mail.code == 421 and self.messages > 1:
+            self.usable = False
+            raise StaleSession(str(mail))
+        self._open = mail.code == 250
+        return mail
+
     async def reset(self) -> bool:
-        """RSET before reusing the session for another message; False = do not reuse."""
+        """Ready the session for another message; False = do not reuse. After the reply
+        to the final dot the next hop is ready for a new MAIL (RFC 5321 4.1.1.4), so
+        only a transaction left open (no recipient taken, DATA refused) costs an RSET
+        and its round trip."""
         if not self.usable or self._pipe.eof:
             return False
+        if not self._open:
+            return True
         try:
             reply = await self._guard(self._command(sp.RSET))
         except SessionError:
             self.usable = False
             return False
         self.usable = reply.code == 250
+        self._open = False
         return self.usable
 
     async def close(self) -> None:

@@ -1,7 +1,7 @@
 """Delivery scheduler (Postfix's qmgr + smtp): picks due messages from the spool and
 relays them, one result per recipient.
 
-Takes the config, the Spool (envelopes, message bytes, durable update/remove/add), a
+Takes the config, the Spool (envelopes, message pieces, durable update/remove/add), a
 Resolver for MX lookups, the DSN builder (relay.delivery.bounce.build_dsn) and
 optionally an MTA-STS source; hands messages to next hops through relay.delivery.client
 and hands DSNs back to the spool as new messages. Trusts the spool's envelopes (they
@@ -19,7 +19,14 @@ the two can repeat a delivery attempt, never lose a bounce.
 Limits: overall and per-destination connection counts, an optional per-destination
 message rate, and a destination whose every address refused or timed out the connection
 is paused (backoff) so it does not hold slots that other destinations need. A connection
-is reused for the next message to the same destination (RSET first).
+is reused for the next message to the same destination (no RSET after a completed
+transaction; one found stale at MAIL is replaced by a fresh one at once).
+Memory: a message is never held whole. It goes out as a stream of the spool's pieces
+(a small one: head and body, two preads; a big one: CHUNK-sized reads) turned into its
+wire form piece by piece (relay.delivery.wire.WireEncoder) and written with flow
+control, so a delivery holds O(CHUNK) however big the message; only the header section
+is read to count Received fields, and only a DSN with RET=FULL reads a (small) message
+whole.
 Loop protection: more than max_received_headers Received headers bounces with 5.4.6
 (RFC 5321 6.3).
 """
@@ -32,17 +39,18 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import Config
 from relay.delivery import mx
-from relay.delivery.bounce import wants_dsn
+from relay.delivery.bounce import MAX_FULL, wants_dsn
 from relay.delivery.client import (
     Connection,
     Message,
     SessionError,
+    StaleSession,
     Timeouts,
     TLSFailure,
     local_reply,
@@ -50,7 +58,7 @@ from relay.delivery.client import (
 from relay.delivery.route import Route, RouteError, Router
 from relay.delivery.smtp_proto import Reply
 from relay.delivery.tls_policy import TLSDecision, TLSPolicies
-from relay.delivery.wire import needs_8bit, to_wire
+from relay.delivery.wire import Piece, WireEncoder
 from relay.metrics import (
     DELIVERY_ATTEMPTS,
     DELIVERY_LATENCY,
@@ -103,31 +111,41 @@ def count_received(message: bytes) -> int:
     return head.count(b"\nreceived:") + head.startswith(b"received:")
 
 
-class ByteBudget:
-    """Bytes of message held in memory by deliveries in flight (the message and its wire
-    form). A delivery waits until its share fits; one bigger than the whole budget runs
-    alone. So RSS stays bounded however large the queued messages are."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._cond = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int):
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
-            self.used += n
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self.used -= n
-                self._cond.notify_all()
+# A message up to this size that sits in its segment is read with two preads (head,
+# body) each time it is sent; a bigger or spilled one streams in CHUNK-sized reads.
+SMALL = 1 << 20
+CHUNK = 256 * 1024
+# The first piece of a message queued whole (DSN, release) holds its header section as
+# far as counting Received fields or returning headers needs.
+HEADER_PEEK = 64 * 1024
 
 
-# Two copies (stored bytes and wire form) of every message being delivered share this.
-DELIVERY_MEMORY = 128 * 1024 * 1024
+class _SpoolWire:
+    """A queued message's wire form, read afresh from the spool each time it is sent
+    (client.WireSource): nothing of it is kept between sends or while a send waits."""
+
+    __slots__ = ("spool", "queue_id", "ready", "size")
+
+    def __init__(self, spool: Any, env: Envelope):
+        self.spool = spool
+        self.queue_id = env.queue_id
+        self.ready = env.wire_ready
+        self.size = env.size
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        enc = WireEncoder(self.ready)
+        parts = self.spool.parts(self.queue_id, SMALL)
+        if parts is not None:
+            for p in parts:
+                for out in enc.feed(p):
+                    yield out
+        else:
+            async with contextlib.aclosing(self.spool.chunks(self.queue_id, CHUNK)) as it:
+                async for p in it:
+                    for out in enc.feed(p):
+                        yield out
+        for out in enc.finish():
+            yield out
 
 
 class Scheduler:
@@ -150,7 +168,6 @@ class Scheduler:
                                  self.d.data_timeout)
         self.helo_name = self.d.helo_name or cfg.fqdn
         self._global = asyncio.Semaphore(max(1, self.d.max_connections))
-        self._memory = ByteBudget(DELIVERY_MEMORY)
         self._dests: dict[str, _Destination] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._max_inflight = max(2, 2 * self.d.max_connections)
@@ -311,16 +328,48 @@ class Scheduler:
         due = [r for r in env.pending() if flush or r.next_attempt <= now]
         if not due:
             return
-        async with self._memory.hold(2 * env.size):
-            message = await self.spool.read(queue_id)
-            if count_received(message) > self.d.max_received_headers:
-                reply = local_reply(554, "5.4.6", "too many Received headers: mail forwarding loop")
-                outcomes = [_Outcome(r, reply, reason="loop") for r in due]
-            else:
-                outcomes = await self._deliver(env, due, message)
-            await self._settle(env, outcomes, message)
+        if count_received(await self._header(queue_id)) > self.d.max_received_headers:
+            reply = local_reply(554, "5.4.6", "too many Received headers: mail forwarding loop")
+            outcomes = [_Outcome(r, reply, reason="loop") for r in due]
+        else:
+            outcomes = await self._deliver(env, due)
+        await self._settle(env, outcomes)
 
-    async def _deliver(self, env: Envelope, due: list[Recipient], message: bytes) -> list[_Outcome]:
+    async def _header(self, queue_id: str) -> bytes:
+        """The header section, or a piece of the message that starts with it. A message
+        received over SMTP has its whole header section in the stored head (the session
+        stores the DATA reader's header block there); one queued whole (DSN, release,
+        drain) has an empty head and its header section at the start of the body."""
+        head = self.spool.head(queue_id)
+        if head:
+            return head
+        async with contextlib.aclosing(self.spool.chunks(queue_id, HEADER_PEEK)) as it:
+            async for piece in it:
+                if piece:
+                    return piece
+        return b""
+
+    async def _eight_bit(self, env: Envelope) -> bool:
+        """BODY=8BITMIME on MAIL (RFC 6152) must be known before any byte is sent: as
+        declared, as found at receipt, else by scanning the stored pieces (once; the
+        answer is kept in the envelope)."""
+        if (env.body or "").upper() == "8BITMIME":
+            return True
+        if env.eight_bit is None:
+            env.eight_bit = await self._scan_8bit(env.queue_id)
+        return env.eight_bit
+
+    async def _scan_8bit(self, queue_id: str) -> bool:
+        parts = self.spool.parts(queue_id, SMALL)
+        if parts is not None:
+            return not all(p.isascii() for p in parts)
+        async with contextlib.aclosing(self.spool.chunks(queue_id, CHUNK)) as it:
+            async for piece in it:
+                if not piece.isascii():
+                    return True
+        return False
+
+    async def _deliver(self, env: Envelope, due: list[Recipient]) -> list[_Outcome]:
         groups: dict[Route, list[Recipient]] = {}
         outcomes: list[_Outcome] = []
         for r in due:
@@ -330,15 +379,18 @@ class Scheduler:
                 # A routing filter's mistake is ours to fix: keep the mail, retry later.
                 outcomes.append(_Outcome(r, local_reply(451, "4.3.5", f"bad next hop: {e}"),
                                          kind="route", reason="config"))
-        wire = to_wire(message, env.wire_ready)
-        results = await asyncio.gather(*(self._deliver_group(env, route, rcpts, wire, message)
+        if not groups:
+            return outcomes
+        wire = _SpoolWire(self.spool, env)
+        body8bit = await self._eight_bit(env)
+        results = await asyncio.gather(*(self._deliver_group(env, route, rcpts, wire, body8bit)
                                          for route, rcpts in groups.items()))
         for res in results:
             outcomes.extend(res)
         return outcomes
 
     async def _deliver_group(self, env: Envelope, route: Route, rcpts: list[Recipient],
-                             wire: bytes, message: bytes) -> list[_Outcome]:
+                             wire: _SpoolWire, body8bit: bool) -> list[_Outcome]:
         dest = self._dests.get(route.name)
         if dest is None:
             dest = self._dests[route.name] = _Destination(
@@ -352,8 +404,7 @@ class Scheduler:
             reason = "null_mx" if last.status() == "5.1.10" else "dns"
             return [_Outcome(r, last, kind=route.kind, reason=reason) for r in rcpts]
         msg_base = dict(sender=env.sender, wire=wire, ret=env.ret, envid=env.envid,
-                        body8bit=(env.body or "").upper() == "8BITMIME" or needs_8bit(message),
-                        smtputf8=env.smtputf8)
+                        body8bit=body8bit, smtputf8=env.smtputf8)
         remaining = list(rcpts)
         done: list[_Outcome] = []
         transacted = False
@@ -374,10 +425,12 @@ class Scheduler:
                 msg = Message(recipients=tuple((r.address, r.notify, r.orcpt) for r in remaining),
                               **msg_base)
                 try:
-                    replies = await conn.send(msg)
-                except BaseException:
-                    conn.abort()        # cancelled (stop) mid-transaction: never reuse
-                    raise
+                    conn, replies = await self._send(conn, msg, target, decision, route)
+                except SessionError as e:       # no fresh session for a stale one
+                    conn = None
+                    last = e.reply
+                    log.info("%s: %s", env.queue_id, e.reply)
+                    continue
                 transacted = True
                 more = i + 1 < len(order)
                 retry: list[Recipient] = []
@@ -405,6 +458,24 @@ class Scheduler:
             dest.pause_reply = local_reply(last.code, last.status(),
                                            f"destination {route.name} paused: {last}")
         return done
+
+    async def _send(self, conn: Connection, msg: Message, target: mx.Target,
+                    decision: TLSDecision, route: Route) -> tuple[Connection, list[Reply]]:
+        """conn.send; a cached session that the next hop had dropped (nothing accepted
+        on it) is replaced, once, by a fresh one to the same target. Raises SessionError
+        when that fresh one cannot be opened."""
+        for _ in range(2):
+            try:
+                return conn, await conn.send(msg)
+            except StaleSession as e:
+                log.info("reused session with %s was stale (%s); opening a new one",
+                         conn.target, e)
+                conn.abort()
+            except BaseException:
+                conn.abort()        # cancelled (stop) mid-transaction: never reuse
+                raise
+            conn = await self._connect(target, decision, route)
+        raise AssertionError("a new session is never stale")
 
     async def _targets(self, route: Route, decision: TLSDecision) -> tuple[list[mx.Target], Reply | None]:
         targets: list[mx.Target] = []
@@ -473,7 +544,7 @@ class Scheduler:
         j = self.d.retry_jitter
         return base * (1 + self._rng.uniform(-j, j))
 
-    async def _settle(self, env: Envelope, outcomes: list[_Outcome], message: bytes) -> None:
+    async def _settle(self, env: Envelope, outcomes: list[_Outcome]) -> None:
         now = self.clock()
         age = now - env.arrival
         failed: list[Recipient] = []
@@ -519,7 +590,7 @@ class Scheduler:
                      env.queue_id, r.address, o.relay, age, reply.status(), status, reply)
         for action, rcpts in (("failed", failed), ("delayed", delayed), ("relayed", relayed)):
             if rcpts:
-                await self._notify(env, rcpts, action, message, now, remote)
+                await self._notify(env, rcpts, action, now, remote)
         all_done = all(r.state is RcptState.DONE for r in env.recipients)
         if not all_done:
             # When every recipient is delivered the D record below is the whole durable
@@ -542,7 +613,7 @@ class Scheduler:
         return dest.paused_until if dest is not None else 0.0
 
     async def _notify(self, env: Envelope, rcpts: list[Recipient], action: str,
-                      message: bytes, now: float, remote: dict[str, str]) -> None:
+                      now: float, remote: dict[str, str]) -> None:
         """Tell the sender. Never to the null sender, never about a bounce (RFC 3461
         6.2, RFC 5321 6.1): those only get the log line."""
         for r in rcpts:
@@ -554,9 +625,17 @@ class Scheduler:
             log.info("%s: no %s DSN: %s", env.queue_id, action,
                      "null sender" if env.sender == "" else "message is a bounce")
             return
+        # RFC 3461 4.3: the whole message only for RET=FULL failures, and only when it
+        # is small enough to return (bounce.MAX_FULL); else its header section.
+        if (action == "failed" and (env.ret or "").upper() == "FULL"
+                and env.size <= MAX_FULL):
+            original, size = await self.spool.read(env.queue_id), None
+        else:
+            original, size = await self._header(env.queue_id), env.size
         try:
-            benv, data = self.bounce_fn(env, rcpts, action, message, self.cfg.fqdn, now,
-                                        lifetime=self.d.max_queue_lifetime, remote_mtas=remote)
+            benv, data = self.bounce_fn(env, rcpts, action, original, self.cfg.fqdn, now,
+                                        lifetime=self.d.max_queue_lifetime, remote_mtas=remote,
+                                        original_size=size)
         except ValueError as e:
             log.warning("%s: no %s DSN: %s", env.queue_id, action, e)
             return

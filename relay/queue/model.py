@@ -73,6 +73,9 @@ class Envelope:
     # The stored bytes are CRLF-only and no line starts with '.': their wire form is
     # themselves plus ".CRLF" (set by the inbound session, which scanned every byte).
     wire_ready: bool = False
+    # Does the stored message have bytes above 127 (BODY=8BITMIME, RFC 6152)? Set at
+    # receipt; None (older spools) makes delivery scan the stored bytes once to find out.
+    eight_bit: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Shallow copies, not dataclasses.asdict (a deep, recursive copy): this runs for

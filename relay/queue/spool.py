@@ -512,26 +512,61 @@ class Spool:
             return self._read_sync(e)       # page cache: cheaper than a thread hop
         return await asyncio.to_thread(self._read_sync, e)
 
-    async def chunks(self, queue_id: str, size: int = 1 << 16) -> AsyncIterator[bytes]:
+    def head(self, queue_id: str) -> bytes:
+        """The stored head record: the whole header section of a message received over
+        SMTP (the session stores its header block there), b"" for one queued whole with
+        add() (DSNs, releases), whose header section starts its body. One pread."""
         e = self._entries.get(queue_id)
         if e is None:
             raise KeyError(queue_id)
-        seg = self._segments[e.segment]
-        yield os.pread(seg.fd, e.head_len, e.offset)
+        return os.pread(self._segments[e.segment].fd, e.head_len, e.offset)
+
+    def parts(self, queue_id: str, limit: int = 1 << 20) -> list[bytes] | None:
+        """[head, body] of a message kept in its segment and at most `limit` bytes: two
+        preads from the page cache, never joined (cheaper than a thread hop or a copy).
+        None for a bigger or spilled one: stream it with chunks()."""
+        e = self._entries.get(queue_id)
+        if e is None:
+            raise KeyError(queue_id)
+        if e.external or e.head_len + e.body_len > limit:
+            return None
+        fd = self._segments[e.segment].fd
+        return [os.pread(fd, e.head_len, e.offset),
+                os.pread(fd, e.body_len, e.offset + e.head_len)]
+
+    async def chunks(self, queue_id: str, size: int = 1 << 18) -> AsyncIterator[bytes]:
+        """The stored bytes as the head, then body pieces of at most `size`: memory
+        O(size) however big the message. A spilled body is read in a thread; one in the
+        segment with preads (the page cache has it), looked up again for each piece,
+        since compaction may move the record meanwhile (same bytes, new place)."""
+        e = self._entries.get(queue_id)
+        if e is None:
+            raise KeyError(queue_id)
+        yield os.pread(self._segments[e.segment].fd, e.head_len, e.offset)
         if e.external:
-            f = await asyncio.to_thread(open, self._external_path(queue_id), "rb")
+            fd = await asyncio.to_thread(os.open, self._external_path(queue_id), os.O_RDONLY)
             try:
-                while chunk := await asyncio.to_thread(f.read, size):
+                pos = 0
+                while pos < e.body_len:
+                    chunk = await asyncio.to_thread(os.pread, fd, min(size, e.body_len - pos), pos)
+                    if not chunk:
+                        raise SpoolError(f"{queue_id}: spilled body shorter than recorded")
+                    pos += len(chunk)
                     yield chunk
             finally:
-                f.close()
+                os.close(fd)
             return
-        pos, end = e.offset + e.head_len, e.offset + e.head_len + e.body_len
-        while pos < end:
-            n = min(size, end - pos)
-            yield await asyncio.to_thread(os.pread, seg.fd, n, pos) if n > 1 << 20 \
-                else os.pread(seg.fd, n, pos)
-            pos += n
+        done = 0
+        while done < e.body_len:
+            cur = self._entries.get(queue_id)
+            if cur is None:
+                raise KeyError(queue_id)        # removed meanwhile (queue delete)
+            n = min(size, cur.body_len - done)
+            chunk = os.pread(self._segments[cur.segment].fd, n, cur.offset + cur.head_len + done)
+            if len(chunk) < n:
+                raise SpoolError(f"{queue_id}: record shorter than recorded")
+            done += n
+            yield chunk
 
     # --- closing ------------------------------------------------------------------
 

@@ -564,6 +564,7 @@ class Session:
         new_head += self._received(txn).encode("utf-8", "replace")
         # Our headers are CRLF-only and never start a line with '.', but filters supply
         # values: check the few bytes rather than trust them.
+        env.eight_bit = reader.eight_bit or not new_head.isascii()
         env.wire_ready = (not reader.dots and b"\r\n." not in new_head
                           and new_head.count(b"\n") == new_head.count(b"\r\n")
                           == new_head.count(b"\r"))
