@@ -96,6 +96,26 @@ def _frame_parts(kind: bytes, parts: list[bytes]) -> list[bytes]:
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
+def _write_durably(fd: int, pieces: list[bytes], offset: int) -> None:
+    """Write the pieces at `offset` (the end of an append-only file) and make them
+    durable. Where the kernel offers RWF_DSYNC (Linux 4.7+) that is one pwritev, the
+    write and its fdatasync together: one system call, and one hand-back of the GIL
+    from the commit thread instead of two (each a futex wake and a context switch,
+    which showed in the profile). A short or oversized write falls back to writes
+    and one fdatasync, which also covers the part already written."""
+    if _RWF_DSYNC and len(pieces) <= _IOV_MAX:
+        total = sum(map(len, pieces))
+        n = os.pwritev(fd, pieces, offset, _RWF_DSYNC)
+        if n == total:
+            return
+        pieces = [b"".join(pieces)[n:]]
+    _write_all(fd, pieces)
+    os.fdatasync(fd)
+
+
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0) if hasattr(os, "pwritev") else 0
+
+
 def _write_all(fd: int, pieces: list[bytes]) -> None:
     """Write every piece, in order, with as few system calls as the kernel allows."""
     i = 0
@@ -349,8 +369,7 @@ class Spool:
                 pieces.extend(r)
                 off += sum(map(len, r))
         try:
-            _write_all(seg.fd, pieces)
-            os.fdatasync(seg.fd)
+            _write_durably(seg.fd, pieces, start)
         except OSError:
             try:
                 os.ftruncate(seg.fd, start)
