@@ -49,6 +49,20 @@ class TextFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         return f"{self._stamp},{int(record.msecs):03d}"
 
+    def format(self, record: logging.LogRecord) -> str:
+        # The format string above, built directly: logging's generic path (a dict
+        # %-format, usesTime, stack checks) cost more than the line is worth.
+        line = (f"{self.formatTime(record)} {record.name}[{record.process}]: "
+                f"{record.levelname} {record.getMessage()}")
+        if record.exc_info or record.stack_info:
+            if record.exc_info and not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+            if record.exc_text:
+                line += "\n" + record.exc_text
+            if record.stack_info:
+                line += "\n" + self.formatStack(record.stack_info)
+        return line
+
 
 class LoopBatchedHandler(logging.StreamHandler):
     """Lines logged on the event loop are written together once the loop has run what
@@ -93,13 +107,55 @@ class LoopBatchedHandler(logging.StreamHandler):
             self.release()
 
 
+class _Record(logging.LogRecord):
+    """LogRecord without the work our lines never use: no caller's file (we log with
+    _srcfile off, so it is always "(unknown file)"), no thread or process names, no
+    single-mapping argument check. Every attribute logging's formatters may ask for
+    is still there."""
+
+    def __init__(self, name, level, pathname, lineno, msg, args, exc_info,  # noqa: PLR0913
+                 func=None, sinfo=None, **_kw):
+        ct = time.time()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], dict) and args[0]:
+            args = args[0]          # logging's "%(key)s" form, as LogRecord allows
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = pathname
+        self.filename = pathname
+        self.module = "Unknown module"
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func
+        self.created = ct
+        self.msecs = int((ct - int(ct)) * 1000) + 0.0
+        self.relativeCreated = (ct - _START) * 1000
+        self.thread = None
+        self.threadName = None
+        self.processName = None
+        self.process = _PID[0]
+        self.taskName = None
+
+
+_START = time.time()
+_PID = [os.getpid()]
+
+
+def _after_fork() -> None:
+    _PID[0] = os.getpid()
+
+
 def _flush_before_fork() -> None:
     for h in logging.getLogger().handlers:
         if isinstance(h, LoopBatchedHandler):
             h.flush()
 
 
-os.register_at_fork(before=_flush_before_fork)
+os.register_at_fork(before=_flush_before_fork, after_in_child=_after_fork)
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
@@ -109,6 +165,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.setLogRecordFactory(_Record)
     handler = LoopBatchedHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
