@@ -136,7 +136,7 @@ def test_spool_hands_out_head_parts_and_chunks(tmp_path):
         await sp.add(e3, head + small)              # queued whole: empty head
         assert sp.head(e1.queue_id) == head and sp.head(e2.queue_id) == head
         assert sp.head(e3.queue_id) == b""
-        assert sp.parts(e1.queue_id) == [head, small]
+        assert sp.parts(e1.queue_id) == [head + small]
         assert sp.parts(e1.queue_id, limit=4) is None
         assert sp.parts(e2.queue_id) is None        # spilled: streamed, never read whole
         for e in (e1, e2, e3):
@@ -189,6 +189,9 @@ def test_eight_bit_is_persisted_and_absent_in_old_records_means_unknown():
 class _Failing:
     size = 100
 
+    def whole(self):
+        return None                     # too big to read at once: streamed
+
     async def pieces(self):
         yield b"Subject: t\r\n\r\npart one\r\n"
         raise OSError(5, "Input/output error")
@@ -213,6 +216,32 @@ def test_a_read_failure_mid_data_ends_the_session_without_the_final_dot():
     assert [(x.code, x.enhanced) for x in r] == [(451, "4.3.0")]
     assert not usable
     assert sink.messages == []          # the partial message never became mail
+
+
+class _Unreadable:
+    size = 100
+
+    def whole(self):
+        raise OSError(5, "Input/output error")
+
+
+def test_a_small_message_that_cannot_be_read_is_a_local_tempfail():
+    async def go():
+        sink = Sink()
+        port, servers = await start_sinks(["127.0.0.1"], [sink])
+        conn = await Connection.open(Target("sink.test", "127.0.0.1", port),
+                                     helo_name="relay.test",
+                                     timeouts=Timeouts(connect=3, command=3, data=3),
+                                     tls_level="none")
+        r = await conn.send(Message("s@x.test", (("a@x.test", None, None),), _Unreadable()))
+        usable = conn.usable
+        conn.abort()
+        for s in servers:
+            s.close()
+        return r, usable, sink
+    r, usable, sink = asyncio.run(go())
+    assert [(x.code, x.enhanced) for x in r] == [(451, "4.3.0")] and not usable
+    assert sink.messages == []
 
 
 # --- the scheduler: 8BITMIME, loops and DSNs without the whole message -----------------

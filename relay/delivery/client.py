@@ -81,6 +81,10 @@ class WireSource(Protocol):
         """A fresh stream of the whole wire form (terminator included) per call."""
         ...
 
+    def whole(self) -> list[bytes | memoryview] | None:
+        """The whole wire form at once when it is small, else None (use pieces)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Message:
@@ -493,6 +497,15 @@ class Connection:
         """Each piece within the data timeout (RFC 5321 4.5.3.2.5: per block sent). A
         failure to read the message ends the session without the final dot, so the next
         hop discards the partial message; the recipients get a local 4xx."""
+        try:
+            small = source.whole()
+        except Exception as e:     # the spool's error, not the next hop's
+            log.warning("reading a queued message for %s failed: %r", self.target, e)
+            raise SessionError(local_reply(451, "4.3.0", f"cannot read the queued message: {e}"),
+                               "local") from None
+        if small is not None:
+            await self._pipe.writelines(small, self.timeouts.data)
+            return
         pieces = source.pieces()
         batch: list[bytes | memoryview] = []
         size = 0

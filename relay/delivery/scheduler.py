@@ -132,6 +132,17 @@ class _SpoolWire:
         self.ready = env.wire_ready
         self.size = env.size
 
+    def whole(self) -> list[Piece] | None:
+        """The wire form at once, when the message is small and in its segment (one
+        pread): no async generator for the common case. None: use pieces()."""
+        parts = self.spool.parts(self.queue_id, SMALL)
+        if parts is None:
+            return None
+        enc = WireEncoder(self.ready)
+        out = [x for p in parts for x in enc.feed(p)]
+        out += enc.finish()
+        return out
+
     async def pieces(self) -> AsyncIterator[Piece]:
         enc = WireEncoder(self.ready)
         parts = self.spool.parts(self.queue_id, SMALL)
