@@ -394,6 +394,10 @@ class Scheduler:
             return outcomes
         wire = _SpoolWire(self.spool, env)
         body8bit = await self._eight_bit(env)
+        if len(groups) == 1:
+            # The usual case: one next hop, no task per group.
+            [(route, rcpts)] = groups.items()
+            return outcomes + await self._deliver_group(env, route, rcpts, wire, body8bit)
         results = await asyncio.gather(*(self._deliver_group(env, route, rcpts, wire, body8bit)
                                          for route, rcpts in groups.items()))
         for res in results:
