@@ -9,7 +9,7 @@ operator's vocabulary carries over.
 from __future__ import annotations
 
 import enum
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +121,9 @@ def new_queue_id() -> str:
     for _ in range(12):
         n, r = divmod(n, 30)
         out.append(_ALPHABET[r])
-    rnd = int.from_bytes(os.urandom(4), "big")
+    # Uniqueness, not secrecy: the random module (reseeded in each forked worker)
+    # costs no system call, unlike os.urandom.
+    rnd = random.getrandbits(30)
     for _ in range(6):
         rnd, r = divmod(rnd, 30)
         out.append(_ALPHABET[r])
