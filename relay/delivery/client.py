@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.deadline import Deadline
 from relay.delivery import smtp_proto as sp
 from relay.delivery.mx import Target
 from relay.delivery.smtp_proto import Extensions, Reply
@@ -111,6 +112,8 @@ class _Pipe(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._loop = asyncio.get_event_loop()
+        self._deadline = Deadline(self._loop, self._expire)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,6 +130,7 @@ class _Pipe(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.close()
         self.eof = True
         self.lost = exc
         self._can_write.set()
@@ -149,7 +153,6 @@ class _Pipe(asyncio.Protocol):
     async def read_reply(self, seconds: float) -> Reply:
         """The next reply, waiting at most `seconds` in all. A reply already buffered
         (pipelined answers) costs no timer; one is armed only when we must wait."""
-        loop = asyncio.get_running_loop()
         deadline = None
         while True:
             reply = self.parser.next_reply()
@@ -158,13 +161,13 @@ class _Pipe(asyncio.Protocol):
             if self.eof:
                 raise ConnectionResetError("connection closed by next hop")
             if deadline is None:
-                deadline = loop.time() + seconds
-            self._waiter = loop.create_future()
-            timer = loop.call_at(deadline, self._expire)
+                deadline = self._loop.time() + seconds
+            self._waiter = self._loop.create_future()
+            self._deadline.start(deadline)
             try:
                 await self._waiter
             finally:
-                timer.cancel()
+                self._deadline.stop()
                 self._waiter = None
 
     async def write(self, data: bytes | memoryview, seconds: float) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from relay.deadline import Deadline
+
 HIGH_WATER = 256 * 1024
 
 
@@ -32,7 +34,9 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self._write_paused = False
         self._out: list[bytes] = []
-        self.closed = asyncio.get_event_loop().create_future()
+        self._loop = asyncio.get_event_loop()
+        self._deadline = Deadline(self._loop, self._expire)
+        self.closed = self._loop.create_future()
         self.task: asyncio.Task | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------
@@ -58,6 +62,7 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
+        self._deadline.close()
         self._eof = True
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -89,26 +94,26 @@ class Connection(asyncio.Protocol):
 
     async def _wait(self, deadline: float | None = None) -> None:
         """Wait for more input (flushing replies first). With a deadline (loop time),
-        raise TimeoutError when it passes: the timer exists only while we really wait,
-        which is cheaper than an asyncio.timeout() around every pipelined command."""
+        raise TimeoutError when it passes. Only a wait that really waits has a deadline
+        (cheaper than an asyncio.timeout() around every pipelined command), and the
+        connection's one Deadline timer serves them all."""
         if self._eof:
             raise ConnectionResetError("connection closed by peer")
-        timer = None
         if deadline is not None:
-            timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+            self._deadline.start(deadline)
         try:
             await self.flush()
             if self._paused and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
         finally:
-            if timer is not None:
-                timer.cancel()
+            if deadline is not None:
+                self._deadline.stop()
 
     def _expire(self) -> None:
         for fut in (self._waiter, self._drain_waiter):
@@ -135,7 +140,7 @@ class Connection(asyncio.Protocol):
                 del self._buf[:]
             start = len(self._buf)
             if timeout is not None and deadline is None:
-                deadline = asyncio.get_running_loop().time() + timeout
+                deadline = self._loop.time() + timeout
             await self._wait(deadline)
 
     async def read(self, n: int = 65536, timeout: float | None = None) -> bytes:
@@ -146,7 +151,7 @@ class Connection(asyncio.Protocol):
             if self._eof:
                 return b""
             if timeout is not None and deadline is None:
-                deadline = asyncio.get_running_loop().time() + timeout
+                deadline = self._loop.time() + timeout
             await self._wait(deadline)
         if len(self._buf) <= n:
             data = bytes(self._buf)
