@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay import metrics
 from relay.config import Config
 from relay.delivery import mx
 from relay.delivery.bounce import MAX_FULL, wants_dsn
@@ -575,7 +576,7 @@ class Scheduler:
             if reply.is_ok:
                 r.state = RcptState.DONE
                 r.last_error = ""
-                DELIVERY_ATTEMPTS.labels("sent", o.kind).inc()
+                metrics.child(DELIVERY_ATTEMPTS, "sent", o.kind).inc()
                 DELIVERY_LATENCY.observe(max(0.0, age))
                 if o.relayed and wants_dsn(r, "relayed"):
                     relayed.append(r)

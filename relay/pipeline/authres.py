@@ -130,6 +130,8 @@ def strip_forged(header_block: bytes, authserv_id: str) -> bytes:
     A field is its first line plus every following line that begins with SP or HT;
     other bytes are returned untouched, whatever their line endings.
     """
+    if _FIELD_B not in header_block.lower():
+        return header_block         # the usual case, at the cost of one scan
     lines = header_block.splitlines(keepends=True)
     out: list[bytes] = []
     i = 0

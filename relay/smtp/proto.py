@@ -29,6 +29,15 @@ class Reply:
     text: str
 
     def render(self) -> bytes:
+        # Most replies are module constants (R_OK, ...): rendered once, kept on the
+        # instance (outside the dataclass fields, so equality and hashing ignore it).
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._render()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    def _render(self) -> bytes:
         lines = self.text.split("\n")
         out = []
         for i, line in enumerate(lines):

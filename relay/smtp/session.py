@@ -42,6 +42,9 @@ log = logging.getLogger("relay.smtp")
 _REPLY_COUNTERS: dict[tuple[str, int], object] = {}
 
 
+_R_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+
 def _reply_counter(stage: str, code: int):
     """The SMTP_REPLIES child for (stage, code): .labels() costs more than the reply."""
     c = _REPLY_COUNTERS.get((stage, code))
@@ -167,7 +170,7 @@ class Session:
         if self.lcfg.role == "smtps":
             await self._start_tls()
         log.info("connect from [%s]:%d on %s", self.ip, self.port, self.lcfg.name)
-        metrics.CONNECTIONS.labels(self.lcfg.name, "accepted").inc()
+        metrics.child(metrics.CONNECTIONS, self.lcfg.name, "accepted").inc()
         self.ctx.trusted = srv.in_mynetworks(self.ip) and self.lcfg.role == "mta"
         v = await srv.chain.run(Stage.CONNECT, self.ctx) if srv.chain.handles(Stage.CONNECT) \
             else None
@@ -206,7 +209,8 @@ class Session:
         except SyntaxErr as e:
             self.reply(e.reply, "command")
             return
-        self.counts[verb.lower()] = self.counts.get(verb.lower(), 0) + 1
+        lverb = verb.lower()
+        self.counts[lverb] = self.counts.get(lverb, 0) + 1
         handler = getattr(self, f"smtp_{verb}", None)
         if handler is None:
             self.reply(Reply(502, "5.5.2", "Error: command not recognized"), "command")
@@ -483,7 +487,7 @@ class Session:
         if arg:
             raise SyntaxErr(Reply(501, "5.5.4", "Syntax: DATA"))
         txn = self.txn
-        self.reply(Reply(354, "", "End data with <CR><LF>.<CR><LF>"), "data")
+        self.reply(_R_GO_AHEAD, "data")
         reader = DataReader(self.cfg.smtp.max_message_size,
                             normalize=self.cfg.smtp.bare_newline == "normalize")
         writer = self._writer = srv.spool.writer(txn.queue_id)
@@ -590,7 +594,7 @@ class Session:
             log.error("%s: cannot store message: %s", qid, e)
             return proto.R_STORAGE
         # Every 250 after DATA counts as received, whether queued, held or dropped.
-        metrics.MESSAGES_RECEIVED.labels(self.lcfg.name).inc()
+        metrics.child(metrics.MESSAGES_RECEIVED, self.lcfg.name).inc()
         metrics.RECEIVED_BYTES.inc(env.size)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
