@@ -46,11 +46,14 @@ class Harness:
         f = self.store.folder(user, folder)
         return f.read(f.messages[n])
 
-    def close(self):
-        async def shut(srv):
+    def close_server(self, srv) -> None:
+        async def shut():
             srv.close()     # on the server's own loop: asyncio servers are not thread-safe
+        self.lt.run(shut())
+
+    def close(self):
         for s in self.servers:
-            self.lt.run(shut(s))
+            self.close_server(s)
         self.lt.stop()
 
 
@@ -118,7 +121,7 @@ def test_uidl_stable_across_sessions_and_server_restart(h, tmp_path):
     p = login(h.serve())
     first = p.uidl()[1]
     p.quit()
-    h.servers[0].close()
+    h.close_server(h.servers[0])
     h2 = Harness(tmp_path)          # a new store object on the same directory
     try:
         p = login(h2.serve())
