@@ -99,6 +99,10 @@ def _frame_parts(kind: bytes, parts: list[bytes]) -> list[bytes]:
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
+# Envelopes as compact JSON; one encoder, not one built per json.dumps call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _settle(fut: asyncio.Future, ok: bool, result: Any) -> None:
     if not fut.done():
         if ok:
@@ -431,7 +435,7 @@ class Spool:
         if external:
             meta["external"] = True
             meta["body_len"] = body_len
-        j = json.dumps(meta, separators=(",", ":")).encode()
+        j = _JSON.encode(meta).encode()
         payload_prefix = _U32.pack(len(j)) + j + _U32.pack(len(head)) + head
         if body is None:
             body = []
@@ -461,7 +465,7 @@ class Spool:
         if env.queue_id not in self._entries:
             return
         self._entries[env.queue_id].env = env
-        j = json.dumps(env.to_json(), separators=(",", ":")).encode()
+        j = _JSON.encode(env.to_json()).encode()
         await self._append(_frame(b"S", j))
 
     async def remove(self, queue_id: str) -> None:
