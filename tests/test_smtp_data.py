@@ -176,11 +176,12 @@ def test_fast_path_is_built_where_a_compiler_is():
     assert FAST is not None
 
 
-def _outcome(wire: bytes, step: int, max_line: int, normalize: bool = False):
+def _outcome(wire: bytes, step: int, max_line: int, normalize: bool = False,
+             kind: type = bytes):
     r = DataReader(max_size=1 << 20, normalize=normalize, max_line=max_line)
     out, rest = [], b""
     for i in range(0, len(wire), step):
-        pieces, rest = r.feed(wire[i:i + step])
+        pieces, rest = r.feed(kind(wire[i:i + step]))
         out += pieces
         if r.done:
             rest += wire[i + step:]
@@ -200,9 +201,12 @@ def test_fast_path_agrees_with_the_reference(tokens, step, max_line, normalize):
         pytest.skip("compares the C path with the reference: once is enough")
     wire = b"".join(tokens) + b"\r\n.\r\nQUIT\r\n"
     fast = _outcome(wire, step, max_line, normalize)
+    # The connection hands over its buffer (a bytearray): same answers.
+    assert _outcome(wire, step, max_line, normalize, bytearray) == fast
     data_mod._scan = None
     try:
         ref = _outcome(wire, step, max_line, normalize)
+        assert _outcome(wire, step, max_line, normalize, bytearray) == ref
     finally:
         data_mod._scan = FAST
     assert fast == ref
@@ -214,3 +218,20 @@ def test_eight_bit_flag_tells_whether_any_byte_is_above_127():
         for chunks in splits(wire):
             r, _, _ = feed_all(chunks)
             assert r.done and r.eight_bit is eight, (wire, chunks)
+
+
+def test_header_section_over_the_limit_is_refused_even_in_one_chunk():
+    from relay.smtp.data import HEADER_LIMIT
+    line = b"X-F: " + b"f" * 990 + b"\r\n"
+    wire = line * (HEADER_LIMIT // len(line) + 2) + b"\r\nbody\r\n.\r\n"
+    r, _, _ = feed_all([wire], max_size=10 * HEADER_LIMIT)
+    assert r.done and r.error is DataError.HEADER_TOO_BIG
+
+
+@pytest.mark.parametrize("first", [1000, 65536, 900_000])
+def test_header_section_over_the_limit_is_refused_however_it_is_cut(first):
+    from relay.smtp.data import HEADER_LIMIT
+    line = b"X-F: " + b"f" * 990 + b"\r\n"
+    wire = line * (HEADER_LIMIT // len(line) + 2) + b"\r\nbody\r\n.\r\n"
+    r, _, _ = feed_all([wire[:first], wire[first:]], max_size=10 * HEADER_LIMIT)
+    assert r.done and r.error is DataError.HEADER_TOO_BIG

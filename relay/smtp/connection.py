@@ -143,9 +143,11 @@ class Connection(asyncio.Protocol):
                 deadline = self._loop.time() + timeout
             await self._wait(deadline)
 
-    async def read(self, n: int = 65536, timeout: float | None = None) -> bytes:
+    async def read(self, n: int = 65536, timeout: float | None = None) -> bytes | bytearray:
         """Whatever is buffered (up to n), waiting for at least one byte (at most
-        `timeout` seconds, then TimeoutError); b'' at EOF."""
+        `timeout` seconds, then TimeoutError); b'' at EOF. When all of the buffer is
+        taken, it is handed over as it is (a bytearray, no copy) and a new one starts:
+        DATA is most of what a relay reads."""
         deadline = None
         while not self._buf:
             if self._eof:
@@ -154,8 +156,8 @@ class Connection(asyncio.Protocol):
                 deadline = self._loop.time() + timeout
             await self._wait(deadline)
         if len(self._buf) <= n:
-            data = bytes(self._buf)
-            self._buf.clear()
+            data: bytes | bytearray = self._buf
+            self._buf = bytearray()
         else:
             data = bytes(self._buf[:n])
             del self._buf[:n]

@@ -62,10 +62,11 @@ class DataReader:
         self._head_buf = bytearray()
         self._tail = b""                # an unfinished line, at most max_line-ish
 
-    def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
+    def feed(self, data: bytes | bytearray) -> tuple[list[bytes], bytes]:
         """Consume network bytes. Returns (body pieces to store, bytes after the end).
         Once `done` is True, the second value holds what the client pipelined after
-        the final dot; nothing more may be fed."""
+        the final dot; nothing more may be fed. `data` may be a bytearray the caller
+        gives up (the connection's buffer); pieces may then be bytearrays too."""
         assert not self.done
         buf = self._tail + data if self._tail else data
         fast = _scan(buf, self.max_line) if _scan is not None else None
@@ -173,6 +174,9 @@ class DataReader:
             i = 0 if content[:2] == b"\r\n" else content.find(b"\r\n\r\n")
             if i >= 0:
                 end = i + 2 if i else 0
+                if end > HEADER_LIMIT:
+                    self._flag(DataError.HEADER_TOO_BIG)
+                    return []
                 self.head = bytes(content[:end])
                 return [content[end:]] if end < len(content) else []
         start = max(0, len(hb) - 3)
@@ -182,12 +186,12 @@ class DataReader:
         else:
             i = hb.find(b"\r\n\r\n", start)
             end = i + 2 if i >= 0 else -1
-        if end >= 0:
+        if 0 <= end <= HEADER_LIMIT:
             self.head = bytes(hb[:end])
             body = bytes(hb[end:])
             self._head_buf = bytearray()
             return [body] if body else []
-        if len(hb) > HEADER_LIMIT:
+        if end > HEADER_LIMIT or len(hb) > HEADER_LIMIT:
             self._flag(DataError.HEADER_TOO_BIG)
             self._head_buf = bytearray()
         return []

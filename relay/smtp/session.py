@@ -495,7 +495,7 @@ class Session:
         storage_error: Exception | None = None
         try:
             while not reader.done:
-                chunk = await self.conn.read(1 << 16, self.cfg.smtp.data_timeout)
+                chunk = await self.conn.read(1 << 20, self.cfg.smtp.data_timeout)
                 if not chunk:
                     raise ConnectionResetError("connection lost in DATA")
                 pieces, rest = reader.feed(chunk)
