@@ -136,7 +136,7 @@ def test_spool_hands_out_head_parts_and_chunks(tmp_path):
         await sp.add(e3, head + small)              # queued whole: empty head
         assert sp.head(e1.queue_id) == head and sp.head(e2.queue_id) == head
         assert sp.head(e3.queue_id) == b""
-        assert sp.parts(e1.queue_id) == [head + small]
+        assert b"".join(sp.parts(e1.queue_id)) == head + small
         assert sp.parts(e1.queue_id, limit=4) is None
         assert sp.parts(e2.queue_id) is None        # spilled: streamed, never read whole
         for e in (e1, e2, e3):
@@ -393,3 +393,29 @@ def test_big_messages_relay_byte_exact_with_bounded_memory(tmp_path):
         assert "BODY=8BITMIME" in g.mail_options   # known before MAIL FROM
     # Before streaming, delivery held the message and its wire form (2 x 24 MiB).
     assert grown < 8, f"relay peak RSS grew {grown:.1f} MiB for 24 MiB messages"
+
+
+def test_just_stored_messages_are_handed_to_their_first_attempt_from_memory(tmp_path, monkeypatch):
+    """The first parts() of a just-stored message comes from memory (kept bounded, oldest
+    out first, dropped with the message); later ones read the same bytes back."""
+    from relay.queue import spool as spool_mod
+    monkeypatch.setattr(spool_mod, "RECENT_BYTES", 300)
+
+    async def go():
+        sp = Spool(SpoolConfig(path=str(tmp_path / "spool"), min_free_space=Size(0)))
+        await sp.open()
+        head = b"Subject: s\r\n"
+        es = [await _store(sp, head, b"\r\n" + bytes([65 + i]) * 100 + b"\r\n") for i in range(3)]
+        # Three of ~116 bytes against a 300-byte budget: the first is out already.
+        assert list(sp._recent) == [es[1].queue_id, es[2].queue_id]
+        for e in es:
+            assert sp.head(e.queue_id) == head
+            first = sp.parts(e.queue_id)
+            assert e.queue_id not in sp._recent          # handed out once
+            again = sp.parts(e.queue_id)                 # from the segment this time
+            assert b"".join(first) == b"".join(again) == await sp.read(e.queue_id)
+        e4 = await _store(sp, head, b"\r\nlast\r\n")
+        await sp.remove(e4.queue_id)
+        assert sp._recent_bytes == 0 and not sp._recent
+        await sp.close()
+    asyncio.run(go())

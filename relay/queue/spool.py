@@ -35,6 +35,7 @@ current state, then it is deleted). Recovery replays the segments in order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import json
 import logging
@@ -98,6 +99,11 @@ def _frame_parts(kind: bytes, parts: list[bytes]) -> list[bytes]:
 # Pieces per writev call (the kernel's limit; 1024 on Linux).
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
+
+# Just-stored messages kept for their first delivery attempt: each at most RECENT_MAX,
+# all together at most RECENT_BYTES per worker.
+RECENT_MAX = 1 << 20
+RECENT_BYTES = 16 << 20
 
 # Envelopes as compact JSON; one encoder, not one built per json.dumps call.
 _JSON = json.JSONEncoder(separators=(",", ":"))
@@ -170,6 +176,10 @@ class Spool:
         self._wake: asyncio.Event | None = None
         self._committer: asyncio.Task | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # Just-stored small messages, for their first delivery attempt (_keep_recent).
+        self._recent: collections.OrderedDict[str, tuple[list[bytes], int]] = \
+            collections.OrderedDict()
+        self._recent_bytes = 0
         self._writer_thread: threading.Thread | None = None
         self._subscribers: list[Callable[[Envelope], None]] = []
         self._lock_fd: int | None = None
@@ -288,7 +298,27 @@ class Spool:
         else:
             raise ValueError(f"unknown record type {kind!r}")
 
+    def _keep_recent(self, qid: str, pieces: list[bytes], size: int) -> None:
+        """Keep a just-stored small message's bytes for its first delivery attempt,
+        which usually starts at once: it then costs no read back from the disk cache.
+        Bounded (RECENT_BYTES, oldest out first); a message not found here is read."""
+        if size > RECENT_MAX or not self.cfg.memory_budget:
+            return
+        self._recent[qid] = (pieces, size)
+        self._recent_bytes += size
+        while self._recent_bytes > RECENT_BYTES:
+            _, (_, n) = self._recent.popitem(last=False)
+            self._recent_bytes -= n
+
+    def _forget_recent(self, qid: str) -> list[bytes] | None:
+        kept = self._recent.pop(qid, None)
+        if kept is None:
+            return None
+        self._recent_bytes -= kept[1]
+        return kept[0]
+
     def _drop(self, qid: str) -> _Entry | None:
+        self._forget_recent(qid)
         e = self._entries.pop(qid, None)
         if e is not None:
             seg = self._segments.get(e.segment)
@@ -453,6 +483,8 @@ class Spool:
                 env, seg.seq, off + _HDR.size + len(payload_prefix) - len(head),
                 len(head), body_len, external)
             seg.live.add(env.queue_id)
+            if notify and not external:
+                self._keep_recent(env.queue_id, [head, *body], len(head) + body_len)
 
         await self._append(record, on_written)
         self._gauges_soon()
@@ -559,6 +591,9 @@ class Spool:
         e = self._entries.get(queue_id)
         if e is None:
             raise KeyError(queue_id)
+        kept = self._recent.get(queue_id)
+        if kept is not None:
+            return kept[0][0]
         return os.pread(self._segments[e.segment].fd, e.head_len, e.offset)
 
     def parts(self, queue_id: str, limit: int = 1 << 20) -> list[bytes] | None:
@@ -570,6 +605,9 @@ class Spool:
             raise KeyError(queue_id)
         if e.external or e.head_len + e.body_len > limit:
             return None
+        kept = self._forget_recent(queue_id)
+        if kept is not None:
+            return kept
         return [os.pread(self._segments[e.segment].fd, e.head_len + e.body_len, e.offset)]
 
     async def chunks(self, queue_id: str, size: int = 1 << 18) -> AsyncIterator[bytes]:
