@@ -159,9 +159,10 @@ def test_tempfail_defers_then_delivers_when_next_hop_recovers(tmp_path, dns_port
     assert mx2.messages == []
 
 
-def test_transport_map_and_connection_reuse(tmp_path, dns_port):
+def _three_through_one_slot(tmp_path, dns_port, sink: Sink) -> None:
+    """Three messages to *.corp.test, routed by the transport map to `sink`, over at
+    most one connection at a time."""
     async def go():
-        sink = Sink()
         port, servers = await start_sinks(["127.0.0.9"], [sink])
         transport = (TransportRoute(Domain.parse("*.corp.test"), f"[127.0.0.9]:{port}"),)
         async with Relay(tmp_path, dns_port, port, transport=transport,
@@ -171,10 +172,14 @@ def test_transport_map_and_connection_reuse(tmp_path, dns_port):
             await until(lambda: len(sink.messages) == 3 and not relay.queued())
         for s in servers:
             s.close()
-        return sink
-    sink = asyncio.run(go())
+    asyncio.run(go())
+
+
+def test_transport_map_and_connection_reuse(tmp_path, dns_port):
+    sink = Sink()
+    _three_through_one_slot(tmp_path, dns_port, sink)
     assert sorted(r for m in sink.messages for r in m.rcpts) == [f"u{i}@a.corp.test" for i in range(3)]
-    # One destination slot: later messages reuse the session (RSET between).
+    # One destination slot: later messages reuse the session.
     assert sink.sessions < 3
 
 
@@ -381,19 +386,7 @@ class _StaleSink(Sink):
 def test_stale_cached_session_is_replaced_at_once_not_deferred(tmp_path, dns_port, caplog):
     caplog.set_level(logging.INFO, logger="relay.delivery")
     sink = _StaleSink()
-
-    async def go():
-        port, servers = await start_sinks(["127.0.0.9"], [sink])
-        transport = (TransportRoute(Domain.parse("*.corp.test"), f"[127.0.0.9]:{port}"),)
-        async with Relay(tmp_path, dns_port, port, transport=transport,
-                         max_connections_per_destination=1) as relay:
-            for i in range(3):
-                await relay.add(env_for("s@x.test", f"u{i}@a.corp.test"), message(f"m{i}"))
-            await until(lambda: len(sink.messages) == 3 and not relay.queued())
-        for s in servers:
-            s.close()
-
-    asyncio.run(go())
+    _three_through_one_slot(tmp_path, dns_port, sink)
     text = caplog.text
     assert "status=deferred" not in text
     # Each message after the first found the cached session stale and took a new one.

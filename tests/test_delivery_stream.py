@@ -197,7 +197,8 @@ class _Failing:
         raise OSError(5, "Input/output error")
 
 
-def test_a_read_failure_mid_data_ends_the_session_without_the_final_dot():
+def _send_unreadable(source):
+    """Send a message whose stored bytes cannot be read to a real next hop."""
     async def go():
         sink = Sink()
         port, servers = await start_sinks(["127.0.0.1"], [sink])
@@ -205,14 +206,18 @@ def test_a_read_failure_mid_data_ends_the_session_without_the_final_dot():
                                      helo_name="relay.test",
                                      timeouts=Timeouts(connect=3, command=3, data=3),
                                      tls_level="none")
-        r = await conn.send(Message("s@x.test", (("a@x.test", None, None),), _Failing()))
+        r = await conn.send(Message("s@x.test", (("a@x.test", None, None),), source))
         usable = conn.usable
         await conn.close()
         await asyncio.sleep(0.2)
         for s in servers:
             s.close()
         return r, usable, sink
-    r, usable, sink = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_read_failure_mid_data_ends_the_session_without_the_final_dot():
+    r, usable, sink = _send_unreadable(_Failing())
     assert [(x.code, x.enhanced) for x in r] == [(451, "4.3.0")]
     assert not usable
     assert sink.messages == []          # the partial message never became mail
@@ -226,20 +231,7 @@ class _Unreadable:
 
 
 def test_a_small_message_that_cannot_be_read_is_a_local_tempfail():
-    async def go():
-        sink = Sink()
-        port, servers = await start_sinks(["127.0.0.1"], [sink])
-        conn = await Connection.open(Target("sink.test", "127.0.0.1", port),
-                                     helo_name="relay.test",
-                                     timeouts=Timeouts(connect=3, command=3, data=3),
-                                     tls_level="none")
-        r = await conn.send(Message("s@x.test", (("a@x.test", None, None),), _Unreadable()))
-        usable = conn.usable
-        conn.abort()
-        for s in servers:
-            s.close()
-        return r, usable, sink
-    r, usable, sink = asyncio.run(go())
+    r, usable, sink = _send_unreadable(_Unreadable())
     assert [(x.code, x.enhanced) for x in r] == [(451, "4.3.0")] and not usable
     assert sink.messages == []
 

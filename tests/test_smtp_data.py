@@ -3,6 +3,7 @@
 Every test here runs twice: with the C fast path (relay/smtp/_scan.c) and with the pure
 Python reference alone, and a property test holds the two to the same answers."""
 
+import os
 import shutil
 import sysconfig
 
@@ -190,7 +191,7 @@ def _outcome(wire: bytes, step: int, max_line: int, normalize: bool = False,
     return (r.done, r.error, r.dots, r.size, head, b"".join(out), rest)
 
 
-@settings(max_examples=400)
+@settings(max_examples=int(os.environ.get("RELAY_FUZZ_EXAMPLES", "400")), deadline=None)
 @given(st.lists(st.sampled_from([b"a", b"X" * 9, b".", b"\r\n", b"\r", b"\n", b"..",
                                  b"\r\n.\r\n", b"\r\n\r\n", b"H: v"]), max_size=60),
        st.integers(1, 40), st.sampled_from([8, 20, MAX_LINE]), st.booleans())

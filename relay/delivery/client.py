@@ -83,7 +83,8 @@ class WireSource(Protocol):
         ...
 
     def whole(self) -> list[bytes | memoryview] | None:
-        """The whole wire form at once when it is small, else None (use pieces)."""
+        """The whole wire form at once when it is small (no async stream for the common
+        case), else None: the client then streams pieces()."""
         ...
 
 
@@ -503,9 +504,7 @@ class Connection:
         try:
             small = source.whole()
         except Exception as e:     # the spool's error, not the next hop's
-            log.warning("reading a queued message for %s failed: %r", self.target, e)
-            raise SessionError(local_reply(451, "4.3.0", f"cannot read the queued message: {e}"),
-                               "local") from None
+            raise self._unreadable(e) from None
         if small is not None:
             await self._pipe.writelines(small, self.timeouts.data)
             return
@@ -518,11 +517,8 @@ class Connection:
                     piece = await anext(pieces)
                 except StopAsyncIteration:
                     break
-                except Exception as e:     # the spool's error, not the next hop's
-                    log.warning("reading a queued message for %s failed: %r", self.target, e)
-                    raise SessionError(local_reply(451, "4.3.0",
-                                                   f"cannot read the queued message: {e}"),
-                                       "local") from None
+                except Exception as e:
+                    raise self._unreadable(e) from None
                 # Pieces go out together up to _WRITE_CHUNK: one send per small message.
                 batch.append(piece)
                 size += len(piece)
@@ -533,6 +529,11 @@ class Connection:
                 await self._pipe.writelines(batch, self.timeouts.data)
         finally:
             await pieces.aclose()       # type: ignore[attr-defined]
+
+    def _unreadable(self, e: Exception) -> SessionError:
+        log.warning("reading a queued message for %s failed: %r", self.target, e)
+        return SessionError(local_reply(451, "4.3.0", f"cannot read the queued message: {e}"),
+                            "local")
 
     async def _abort_data(self) -> None:
         """A 354 with no recipient accepted (RFC 2920 3.1): send an empty message's end

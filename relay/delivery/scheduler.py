@@ -145,17 +145,16 @@ class _SpoolWire:
         return out
 
     async def pieces(self) -> AsyncIterator[Piece]:
+        whole = self.whole()
+        if whole is not None:
+            for out in whole:
+                yield out
+            return
         enc = WireEncoder(self.ready)
-        parts = self.spool.parts(self.queue_id, SMALL)
-        if parts is not None:
-            for p in parts:
+        async with contextlib.aclosing(self.spool.chunks(self.queue_id, CHUNK)) as it:
+            async for p in it:
                 for out in enc.feed(p):
                     yield out
-        else:
-            async with contextlib.aclosing(self.spool.chunks(self.queue_id, CHUNK)) as it:
-                async for p in it:
-                    for out in enc.feed(p):
-                        yield out
         for out in enc.finish():
             yield out
 

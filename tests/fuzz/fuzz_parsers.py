@@ -27,6 +27,8 @@ TARGET_NAMES = {
     "http": "test_http_parser_only_http_error",
     "config": "test_config_random_text_only_config_error",
     "spool": "test_spool_open_survives_torn_and_flipped_segments",
+    # In tests/test_smtp_data.py: the C fast path against the Python reference.
+    "data_fast_path": "test_fast_path_agrees_with_the_reference",
 }
 
 
@@ -55,9 +57,10 @@ def main() -> int:
     # The property module reads this when it is imported: set it first.
     os.environ["RELAY_FUZZ_EXAMPLES"] = str(args.examples)
     from tests import test_security_fuzz as props
+    from tests import test_smtp_data
     factory = _TmpFactory()
     for name in args.targets or list(TARGET_NAMES):
-        test = getattr(props, TARGET_NAMES[name])
+        test = getattr(test_smtp_data if name == "data_fast_path" else props, TARGET_NAMES[name])
         print(f"fuzzing {name} with {args.examples} examples", flush=True)
         if name == "config":
             test(factory)
