@@ -37,6 +37,18 @@ except ImportError:             # pragma: no cover - depends on the build
     _scan = None
 
 
+def _cut(buf: bytes | bytearray, i: int, j: int) -> tuple[bytes | bytearray, bytes]:
+    """(buf[:i], bytes(buf[j:])): the first part is the big one (content), the second
+    is small (an unfinished line, or commands pipelined after the final dot). A
+    bytearray is the reader's own (the connection hands its buffer over, or it was
+    built here), so it is cut in place rather than copied."""
+    if isinstance(buf, bytearray):
+        rest = bytes(buf[j:])
+        del buf[i:]
+        return buf, rest
+    return buf[:i], buf[j:]
+
+
 class DataError(enum.Enum):
     NONE = "none"
     TOO_BIG = "too_big"             # 552 5.3.4
@@ -66,21 +78,26 @@ class DataReader:
         """Consume network bytes. Returns (body pieces to store, bytes after the end).
         Once `done` is True, the second value holds what the client pipelined after
         the final dot; nothing more may be fed. `data` may be a bytearray the caller
-        gives up (the connection's buffer); pieces may then be bytearrays too."""
+        gives up (the connection's buffer): the reader then owns it, cuts it in place
+        and may hand it on as a piece."""
         assert not self.done
-        buf = self._tail + data if self._tail else data
+        if self._tail:
+            buf = bytearray(self._tail)     # the line carried over, then the new bytes:
+            buf += data                     # one copy, into a buffer of our own
+        else:
+            buf = data
         fast = _scan(buf, self.max_line) if _scan is not None else None
         if fast is not None:
             # A clean chunk (the usual case): the C scan found the end, the cut and
             # whether any line starts with a dot, in one pass.
             end, cut, dots = fast
             if end >= 0:
-                content, rest = buf[:end], buf[end + 3:]
+                content, rest = _cut(buf, end, end + 3)
                 self._tail = b""
                 self.done = True
             else:
-                content, rest = buf[:cut], b""
-                self._tail = buf[cut:]
+                content, self._tail = _cut(buf, cut, cut)
+                rest = b""
             if not content:
                 return [], rest
             return self._store(self._unstuff(content) if dots else content), rest
@@ -178,7 +195,12 @@ class DataReader:
                     self._flag(DataError.HEADER_TOO_BIG)
                     return []
                 self.head = bytes(content[:end])
-                return [content[end:]] if end < len(content) else []
+                if end == len(content):
+                    return []
+                if isinstance(content, bytearray):
+                    del content[:end]       # ours: drop the head in place, no copy
+                    return [content]
+                return [content[end:]]
         start = max(0, len(hb) - 3)
         hb += content
         if hb[:2] == b"\r\n":
