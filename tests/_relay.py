@@ -22,6 +22,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_for(cond, limit: float = 30.0, what: str = "condition", poll: float = 0.05) -> None:
+    """Wait until cond() is true: a deadline against hangs, never a speed assertion."""
+    end = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -19,12 +19,13 @@ import re
 import smtplib
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
+
+from tests._relay import wait_for  # noqa: F401 - re-exported for the fault tests
 
 TAG = re.compile(rb"X-Test-Id: (\S+)")
 
@@ -212,15 +213,6 @@ def send(port: int, tags: list[str], rcpt: str = "b@y.test", size: int = 200,
     except (OSError, smtplib.SMTPException):
         pass
     return got
-
-
-def wait_for(cond: Callable[[], bool], limit: float = 30.0, what: str = "condition") -> None:
-    """A deadline against hangs, never a speed assertion."""
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def tally(name: str, sent: int, accepted: set[str] | dict, delivered: collections.Counter,

@@ -159,17 +159,17 @@ def test_tempfail_defers_then_delivers_when_next_hop_recovers(tmp_path, dns_port
     assert mx2.messages == []
 
 
-def _three_through_one_slot(tmp_path, dns_port, sink: Sink) -> None:
-    """Three messages to *.corp.test, routed by the transport map to `sink`, over at
-    most one connection at a time."""
+def _through_transport(tmp_path, dns_port, sink: Sink, n: int = 3, domain: str = "a.corp.test",
+                       route: str = "*.corp.test", **delivery) -> None:
+    """n messages to u<i>@`domain`, routed by a transport map entry for `route` to
+    `sink` (which may record what it likes), until all arrive and the queue is empty."""
     async def go():
         port, servers = await start_sinks(["127.0.0.9"], [sink])
-        transport = (TransportRoute(Domain.parse("*.corp.test"), f"[127.0.0.9]:{port}"),)
-        async with Relay(tmp_path, dns_port, port, transport=transport,
-                         max_connections_per_destination=1) as relay:
-            for i in range(3):
-                await relay.add(env_for("s@x.test", f"u{i}@a.corp.test"), message(f"m{i}"))
-            await until(lambda: len(sink.messages) == 3 and not relay.queued())
+        transport = (TransportRoute(Domain.parse(route), f"[127.0.0.9]:{port}"),)
+        async with Relay(tmp_path, dns_port, port, transport=transport, **delivery) as relay:
+            for i in range(n):
+                await relay.add(env_for("s@x.test", f"u{i}@{domain}"), message(f"m{i}"))
+            await until(lambda: len(sink.messages) == n and not relay.queued())
         for s in servers:
             s.close()
     asyncio.run(go())
@@ -177,7 +177,7 @@ def _three_through_one_slot(tmp_path, dns_port, sink: Sink) -> None:
 
 def test_transport_map_and_connection_reuse(tmp_path, dns_port):
     sink = Sink()
-    _three_through_one_slot(tmp_path, dns_port, sink)
+    _through_transport(tmp_path, dns_port, sink, max_connections_per_destination=1)
     assert sorted(r for m in sink.messages for r in m.rcpts) == [f"u{i}@a.corp.test" for i in range(3)]
     # One destination slot: later messages reuse the session.
     assert sink.sessions < 3
@@ -321,20 +321,11 @@ def test_per_destination_rate_spaces_messages_out(tmp_path, dns_port):
             self.times.append(time.monotonic())
             return await super().handle_DATA(server, session, envelope)
 
-    async def go():
-        sink = Timed()
-        sink.times = []
-        port, servers = await start_sinks(["127.0.0.9"], [sink])
-        transport = (TransportRoute(Domain.parse("rate.test"), f"[127.0.0.9]:{port}"),)
-        async with Relay(tmp_path, dns_port, port, transport=transport,
-                         rate_per_destination=5.0) as relay:
-            for i in range(6):
-                await relay.add(env_for("s@x.test", f"u{i}@rate.test"), message(f"m{i}"))
-            await until(lambda: len(sink.messages) == 6 and not relay.queued())
-        for s in servers:
-            s.close()
-        return sink.times
-    times = asyncio.run(go())
+    sink = Timed()
+    sink.times = []
+    _through_transport(tmp_path, dns_port, sink, n=6, domain="rate.test", route="rate.test",
+                       rate_per_destination=5.0)
+    times = sink.times
     assert times[-1] - times[0] >= 0.9
 
 
@@ -386,7 +377,7 @@ class _StaleSink(Sink):
 def test_stale_cached_session_is_replaced_at_once_not_deferred(tmp_path, dns_port, caplog):
     caplog.set_level(logging.INFO, logger="relay.delivery")
     sink = _StaleSink()
-    _three_through_one_slot(tmp_path, dns_port, sink)
+    _through_transport(tmp_path, dns_port, sink, max_connections_per_destination=1)
     text = caplog.text
     assert "status=deferred" not in text
     # Each message after the first found the cached session stale and took a new one.

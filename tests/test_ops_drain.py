@@ -6,6 +6,7 @@ process; clients are smtplib and a byte-level client."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import signal
 import smtplib
 import socket
@@ -14,16 +15,9 @@ import time
 
 from _ops import OpsRelay, get
 
-from tests._relay import RawClient, strip_trace
+from tests._relay import RawClient, strip_trace, wait_for
 
-
-def wait_for(cond, limit: float = 30.0, what: str = "condition") -> None:
-    """A deadline against hangs, not a speed assertion."""
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+wait_for = functools.partial(wait_for, poll=0.01)   # catches short-lived states
 
 
 def open_in_data(port: int, n: int) -> RawClient:

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import re
 import smtplib
-import time
 
 import pytest
 from _delivery import Sink
 from _ops import OpsRelay, Peers, message, scrape, send, total, value
 
-
-def wait_for(cond, limit: float = 30.0, what: str = "condition") -> None:
-    """A deadline against hangs, not a speed assertion."""
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests._relay import wait_for
 
 
 def delta(before, after, name: str, **labels: str) -> float:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 
 import pytest
 from _delivery import Sink
 from _ops import OpsRelay, Peers, get, message, send
 
-from tests._relay import free_port, strip_trace
+from tests._relay import free_port, strip_trace, wait_for
 
 
 def config(nexthop_port: int, **extra) -> dict:
@@ -44,13 +43,6 @@ def refused(port: int) -> bool:
     return False
 
 
-def wait_for(cond, limit: float = 30.0, what: str = "condition") -> None:
-    """A deadline against hangs, not a speed assertion."""
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_drain_with_relay_stopped_hands_over_everything_but_held_mail(tmp_path):

@@ -8,25 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import yaml
 from _ops import OpsRelay, message, scrape, send, value
 
-from tests._relay import free_port
+from tests._relay import free_port, wait_for
 
 ROUTING = {"name": "routing", "options": {"rules": [
     {"name": "review", "recipient": ["q@dst.test"], "quarantine": "quarantine",
      "reason": "review"}]}}
 
 
-def wait_for(cond, limit: float = 30.0, what: str = "condition") -> None:
-    """A deadline against hangs, not a speed assertion."""
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def reloads(r: OpsRelay, result: str) -> float:

@@ -39,19 +39,12 @@ from relay.smtp.proto import Reply, SyntaxErr
 log = logging.getLogger("relay.smtp")
 
 
-_REPLY_COUNTERS: dict[tuple[str, int], object] = {}
-
-
 _R_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
 
 def _reply_counter(stage: str, code: int):
-    """The SMTP_REPLIES child for (stage, code): .labels() costs more than the reply."""
-    c = _REPLY_COUNTERS.get((stage, code))
-    if c is None:
-        c = _REPLY_COUNTERS[(stage, code)] = metrics.SMTP_REPLIES.labels(
-            stage, metrics.reply_class(code))
-    return c
+    """The SMTP_REPLIES child for (stage, code), looked up once (metrics.child)."""
+    return metrics.child(metrics.SMTP_REPLIES, stage, metrics.reply_class(code))
 
 
 @dataclass
