@@ -187,10 +187,15 @@ def _held(path, n: int, users) -> None:
 
 
 def _release_all(port: int, stop: threading.Event, moved_out: list | None = None,
-                 signal_after: int = 0, signal: threading.Event | None = None) -> int:
-    """Move every message in bob's INBOX to Release, one UID at a time."""
+                 signal_after: int = 0, signal: threading.Event | None = None,
+                 cut_off: list | None = None) -> int:
+    """Move every message in bob's INBOX to Release, one UID at a time.
+
+    cut_off gets True when the session ended before the list did (the kill landed
+    mid-release), False when every held message was moved first.
+    """
     import imaplib
-    moved = 0
+    moved, finished = 0, False
     try:
         m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
         m.login("bob", "bobpw")
@@ -204,11 +209,17 @@ def _release_all(port: int, stop: threading.Event, moved_out: list | None = None
                 moved += 1
                 if signal is not None and moved == signal_after:
                     signal.set()      # the kill comes while the next MOVEs run
+        else:
+            finished = True
         m.logout()
     except (OSError, imaplib.IMAP4.abort, imaplib.IMAP4.error):
         pass
+    if signal is not None:
+        signal.set()          # a short list may end before signal_after
     if moved_out is not None:
         moved_out.append(moved)
+    if cut_off is not None:
+        cut_off.append(not finished)
     return moved
 
 
@@ -229,6 +240,7 @@ def test_sigkill_during_quarantine_release_loses_nothing(tmp_path):
         r = RelayProcess(tmp_path, conf, start=False)
         kills = 0
         moved: list[int] = []
+        cut_off: list[bool] = []
         for _ in range(3):
             r.start()
             try:
@@ -238,7 +250,8 @@ def test_sigkill_during_quarantine_release_loses_nothing(tmp_path):
                 pytest.skip("IMAP server not available in this build")
             stop, go = threading.Event(), threading.Event()
             t = threading.Thread(target=_release_all,
-                                 args=(imap, stop, moved, rng.randint(1, 8), go))
+                                 args=(imap, stop, moved, rng.randint(1, 8), go,
+                                       cut_off))
             t.start()
             go.wait(20)
             time.sleep(rng.uniform(0, 0.05))
@@ -262,8 +275,9 @@ def test_sigkill_during_quarantine_release_loses_nothing(tmp_path):
     print(f"\nreleases acknowledged per life: {moved}")
     row = tally(f"SIGKILL x{kills} during quarantine release (seed {seed})", n, want,
                 delivered)
-    # The kills landed while releases were going on (not all before, not all after).
-    assert sum(moved[:-1]) > 0 and moved[-1] > 0, moved
+    # Releases were acknowledged before the kills, and at least one kill cut a run of
+    # releases off mid-list (how many lives the list lasts depends on the machine's speed).
+    assert sum(moved[:-1]) > 0 and any(cut_off), (moved, cut_off)
     assert row["lost"] == 0, log[-2000:]
     # A release the kill interrupted between the enqueue and its record may repeat.
     assert row["duplicated"] <= kills * 2
