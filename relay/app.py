@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -408,6 +409,12 @@ def _run_one(cfg: Config, config_path: str | None, worker: int, workers: int) ->
         except BaseException:
             await app.stop()
             raise
+        # What startup built lives as long as the process: keep it out of every
+        # collection. The message path makes many short-lived containers; a young
+        # generation ten times the default is collected a tenth as often (the
+        # collector was about 1.5% of CPU at 100 KiB).
+        gc.freeze()
+        gc.set_threshold(7000, 10, 10)
         await app.run_forever()
 
     Path(cfg.spool.path).mkdir(parents=True, exist_ok=True)

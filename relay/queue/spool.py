@@ -117,6 +117,12 @@ def _settle(fut: asyncio.Future, ok: bool, result: Any) -> None:
             fut.set_exception(result)
 
 
+def _discard(segments: list[_Segment]) -> None:
+    for seg in segments:
+        os.close(seg.fd)
+        seg.path.unlink(missing_ok=True)
+
+
 def _write_durably(fd: int, pieces: list[bytes], offset: int) -> None:
     """Write the pieces at `offset` (the end of an append-only file) and make them
     durable. Where the kernel offers RWF_DSYNC (Linux 4.7+) that is one pwritev, the
@@ -223,7 +229,7 @@ class Spool:
                 p.unlink(missing_ok=True)
         next_seq = max(self._segments, default=0) + 1
         self._active = self._new_segment(next_seq)
-        self._gc()
+        _discard(self._gc())
         log.info("spool %s: recovered %d messages from %d segments (writer w%d)",
                  self.root, len(self._entries), len(self._segments) - 1, self.worker)
 
@@ -356,7 +362,7 @@ class Spool:
             seg.path.rename(self.root / "corrupt" / seg.path.name)
             del self._segments[seq]
         self._rehome = []
-        self._gc()
+        await self._gc_async()
 
     # --- writing ------------------------------------------------------------------
 
@@ -511,21 +517,28 @@ class Spool:
                 os.unlink(self._external_path(queue_id))
             except OSError:
                 pass
-        self._gc()
+        await self._gc_async()
         self._gauges_soon()
 
-    def _gc(self) -> None:
-        """Delete the oldest segments while none of their messages is live."""
+    def _gc(self) -> list[_Segment]:
+        """Take the oldest segments out while none of their messages is live; the
+        caller deletes them (_discard)."""
         assert self._active is not None
+        dead = []
         for seq in sorted(self._segments):
             seg = self._segments[seq]
             # A corrupt segment stays until its messages are rewritten and it is moved
             # to corrupt/ (for a human), and pins the newer ones as a live one would.
             if seg is self._active or seg.live or seq in self._rehome:
                 break
-            os.close(seg.fd)
-            seg.path.unlink(missing_ok=True)
-            del self._segments[seq]
+            dead.append(self._segments.pop(seq))
+        return dead
+
+    async def _gc_async(self) -> None:
+        # Unlinking a full segment frees its page cache: milliseconds of kernel time
+        # that would stall every session if it ran on the event loop.
+        if dead := self._gc():
+            await asyncio.to_thread(_discard, dead)
 
     async def compact(self) -> int:
         """Re-append the live messages of the oldest segment (if it is not the active
@@ -542,7 +555,7 @@ class Spool:
         for qid in list(seg.live):
             await self._rewrite(self._entries[qid])
             moved += 1
-        self._gc()
+        await self._gc_async()
         return moved
 
     async def _rewrite(self, e: _Entry) -> None:
