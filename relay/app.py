@@ -31,17 +31,19 @@ from relay.pipeline.protocol import FilterEnv, Verdict
 from relay.queue import control
 from relay.queue.model import Envelope
 from relay.queue.spool import Spool
-from relay.smtp.server import Limits, SMTPServer
+from relay.smtp.limits import Limits, SharedCounts
+from relay.smtp.server import SMTPServer
 
 log = logging.getLogger("relay.app")
 
 
 class App:
     def __init__(self, cfg: Config, config_path: str | None = None, worker: int = 0,
-                 workers: int = 1):
+                 workers: int = 1, counts: SharedCounts | None = None):
         self.cfg = cfg
         self.config_path = config_path
         self.worker, self.workers = worker, workers
+        self.counts = counts        # the workers' connection counts (relay.workers)
         self.spool = Spool(cfg.spool, worker, workers)
         self.resolver = DNSResolver([(h.host, h.port) for h in cfg.delivery.resolvers],
                                     cfg.delivery.dns_timeout)
@@ -72,7 +74,8 @@ class App:
         authenticator = self._authenticator(cfg)
         from relay.pipeline import authres
         self._build_quarantine()
-        limits = Limits(cfg.smtp.max_connections, cfg.smtp.max_connections_per_ip)
+        limits = Limits(cfg.smtp.max_connections, cfg.smtp.max_connections_per_ip,
+                        self.counts, self.worker)
         for lc in cfg.listeners:
             srv = SMTPServer(cfg, lc, spool=self.spool, chain=self.chain, resolver=self.resolver,
                              limits=limits, ssl_context=ssl_ctx, authenticator=authenticator,
@@ -394,7 +397,8 @@ def serve(cfg: Config, config_path: str | None = None) -> None:
     _run_one(cfg, config_path, 0, 1)
 
 
-def _run_one(cfg: Config, config_path: str | None, worker: int, workers: int) -> None:
+def _run_one(cfg: Config, config_path: str | None, worker: int, workers: int,
+             counts: SharedCounts | None = None) -> None:
     try:
         import uvloop  # noqa: F401 - optional: faster event loop when installed
         runner = uvloop.run
@@ -402,7 +406,7 @@ def _run_one(cfg: Config, config_path: str | None, worker: int, workers: int) ->
         runner = asyncio.run
 
     async def main() -> None:
-        app = App(cfg, config_path, worker, workers)
+        app = App(cfg, config_path, worker, workers, counts)
         app.install_signals()
         try:
             await app.start()

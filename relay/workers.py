@@ -3,8 +3,10 @@
 Takes the config and N; forks N workers before any event loop exists. Each worker binds
 the SMTP listeners itself with SO_REUSEPORT (the kernel spreads connections), owns its
 own spool writer (segments w<N>-*.log: no locks shared on the per-message path) and
-delivers the messages it accepted. Worker 0 also serves HTTP (metrics, probes) and the
-quarantine over IMAP/POP3 (mailbox change notifications are in-process). Metrics of all
+delivers the messages it accepted. The SMTP connection limits count all workers'
+connections through a shared mapping made here before the fork (relay.smtp.limits).
+Worker 0 also serves HTTP (metrics, probes) and the quarantine over IMAP/POP3 (mailbox
+change notifications are in-process). Metrics of all
 workers add up through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR is
 set by the CLI before prometheus_client is first imported).
 
@@ -28,8 +30,10 @@ log = logging.getLogger("relay.workers")
 def run_workers(cfg: Config, config_path: str | None, n: int) -> None:
     from relay.app import _run_one
     from relay.http import worker_exited
+    from relay.smtp.limits import SharedCounts
 
     children: dict[int, int] = {}      # pid -> worker index
+    counts = SharedCounts(n)           # connection limits hold across workers
     stopping = False
 
     def spawn(i: int) -> None:
@@ -39,7 +43,7 @@ def run_workers(cfg: Config, config_path: str | None, n: int) -> None:
                 signal.signal(s, signal.SIG_DFL)
             code = 0
             try:
-                _run_one(cfg, config_path, i, n)
+                _run_one(cfg, config_path, i, n, counts)
             except BaseException:  # noqa: BLE001 - report and leave the child
                 log.exception("worker %d failed", i)
                 code = 1
@@ -76,6 +80,7 @@ def run_workers(cfg: Config, config_path: str | None, n: int) -> None:
         if i is None:
             continue
         worker_exited(pid)
+        counts.clear(i)             # its connections died with it
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             log.info("worker %d (pid %d) exited (%d)", i, pid, code)

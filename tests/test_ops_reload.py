@@ -126,3 +126,24 @@ def test_listener_change_does_not_half_apply(tmp_path):
                  what="reload")
         send(r.smtp_port, "s@src.test", ["a@dst.test"], message("same port"))
         assert r.stop() == 0
+
+
+def test_connection_limits_are_reloaded(tmp_path):
+    """README: a reload applies limits. A lower max_connections_per_ip refuses the
+    connection that the old one let in."""
+    import socket
+    with OpsRelay(tmp_path, base()) as r:
+        held = [socket.create_connection(("127.0.0.1", r.smtp_port), timeout=10)
+                for _ in range(2)]
+        for s in held:
+            assert s.recv(512).startswith(b"220")
+        r.config_path.write_text(yaml.safe_dump({**r.config,
+                                                 "smtp": {"max_connections_per_ip": 2}}))
+        ok = reloads(r, "success")
+        r.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: reloads(r, "success") == ok + 1, what="reload")
+        with socket.create_connection(("127.0.0.1", r.smtp_port), timeout=10) as s:
+            assert s.recv(512).startswith(b"421 4.7.0")
+        for s in held:
+            s.close()
+        assert r.stop() == 0

@@ -83,3 +83,44 @@ def test_readiness_covers_every_worker(tmp_path):
         assert r.stop() == 0
     finally:
         r.kill()
+
+
+def test_connection_limits_hold_across_workers(tmp_path):
+    """max_connections_per_ip is for the box: the kernel spreads one client's
+    connections over the workers, and each worker counts the others' too."""
+    import time
+
+    from tests._relay import RawClient
+    from tests.test_security_abuse import raw_from
+    conf = {"workers": 2, "delivery": {"enabled": False},
+            "smtp": {"max_connections_per_ip": 4}}
+    with RelayProcess(tmp_path, conf) as r:
+        held: list[RawClient] = []
+        for _ in range(4):
+            c = raw_from("127.0.0.5", r.smtp_port)
+            assert c.reply()[0] == 220
+            held.append(c)
+        # Per worker, 4 more would fit; for the box, none does.
+        for _ in range(8):
+            c = raw_from("127.0.0.5", r.smtp_port)
+            code, line = c.reply()
+            assert (code, line[4:9]) == (421, b"4.7.0"), line
+            c.close()
+        other = raw_from("127.0.0.6", r.smtp_port)
+        assert other.reply()[0] == 220
+        other.close()
+        for c in held:
+            c.send(b"QUIT\r\n")
+            c.close()
+        # The slots come back, whichever worker held them.
+        deadline = time.monotonic() + 10
+        admitted = 0
+        while admitted < 4 and time.monotonic() < deadline:
+            c = raw_from("127.0.0.5", r.smtp_port)
+            admitted += c.reply()[0] == 220
+            c.close()
+            time.sleep(0.05)
+        assert admitted == 4
+        refused = [ln for ln in r.log().splitlines() if "too many connections" in ln]
+        assert len(refused) >= 8
+        assert r.stop() == 0

@@ -3,8 +3,8 @@
 Takes a ListenerConfig per listener plus the shared parts built by relay.app (spool,
 filter chain, resolver, TLS context, authenticator, quarantine); hands each accepted
 connection to a relay.smtp.session.Session. Enforces the overall and per-client-IP
-connection limits (421 4.7.0), and knows the relay-access facts (mynetworks,
-relay_domains, trusted proxies). With several worker processes every worker binds the
+connection limits (421 4.7.0; counted across workers, relay.smtp.limits), and knows the
+relay-access facts (mynetworks, relay_domains, trusted proxies). With several worker processes every worker binds the
 same address with SO_REUSEPORT and the kernel spreads connections among them.
 """
 
@@ -24,34 +24,11 @@ from relay.pipeline.protocol import Resolver, Verdict, parse_ip
 from relay.queue.model import Envelope
 from relay.queue.spool import Spool
 from relay.smtp.connection import Connection
+from relay.smtp.limits import Limits
 from relay.smtp.proto import R_SHUTDOWN
 from relay.smtp.session import Session
 
 log = logging.getLogger("relay.smtp")
-
-
-class Limits:
-    """Connection counts shared by all listeners of one process."""
-
-    def __init__(self, total: int, per_ip: int):
-        self.total, self.per_ip = total, per_ip
-        self.count = 0
-        self.by_ip: dict[str, int] = {}
-
-    def admit(self, ip: str) -> bool:
-        if self.count >= self.total or self.by_ip.get(ip, 0) >= self.per_ip:
-            return False
-        self.count += 1
-        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
-        return True
-
-    def release(self, ip: str) -> None:
-        self.count -= 1
-        n = self.by_ip.get(ip, 0) - 1
-        if n <= 0:
-            self.by_ip.pop(ip, None)
-        else:
-            self.by_ip[ip] = n
 
 
 def _networks(cidrs) -> list:
@@ -85,6 +62,8 @@ class SMTPServer:
         """Take a reloaded config: limits and access maps apply to new sessions (the
         listener's address and role need a restart)."""
         self.cfg = cfg
+        self.limits.total = cfg.smtp.max_connections
+        self.limits.per_ip = cfg.smtp.max_connections_per_ip
         self._mynetworks = _networks(cfg.access.mynetworks)
         self._proxies = _networks(cfg.proxy_protocol.trusted)
         self._domains = [d.lower() for d in cfg.access.relay_domains]
