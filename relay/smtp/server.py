@@ -4,8 +4,9 @@ Takes a ListenerConfig per listener plus the shared parts built by relay.app (sp
 filter chain, resolver, TLS context, authenticator, quarantine); hands each accepted
 connection to a relay.smtp.session.Session. Enforces the overall and per-client-IP
 connection limits (421 4.7.0; counted across workers, relay.smtp.limits), and knows the
-relay-access facts (mynetworks, relay_domains, trusted proxies). With several worker processes every worker binds the
-same address with SO_REUSEPORT and the kernel spreads connections among them.
+relay-access facts (mynetworks, relay_domains, trusted proxies). With several worker
+processes every worker binds the same address with SO_REUSEPORT and the kernel spreads
+connections among them.
 """
 
 from __future__ import annotations
