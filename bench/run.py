@@ -50,6 +50,7 @@ from bench import procstat  # noqa: E402
 from bench.load import FROM, TO  # noqa: E402
 from bench.postfix import Postfix  # noqa: E402
 from bench.postfix import available as postfix_available  # noqa: E402
+from relay.workers import available_cpus  # noqa: E402
 
 PY = sys.executable
 BENCH = Path(__file__).resolve().parent
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = ["relay"] + (["postfix"] if a.vs_postfix else [])
     result: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "machine": machine(), "command": " ".join([os.path.relpath(PY, ROOT) if PY.startswith(str(ROOT)) else PY, *sys.argv]),
-                    "workers": a.workers or os.cpu_count(),
+                    "workers": a.workers or available_cpus(),
                     "tools": "smtp-source/smtp-sink (throughput), bench/load.py + bench/sink.py"
                              " (latency)" if b.postfix_tools else "bench/load.py + bench/sink.py",
                     "throughput": [], "ratios": [], "half_peak": [], "rss": []}

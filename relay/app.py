@@ -389,9 +389,9 @@ def serve(cfg: Config, config_path: str | None = None) -> None:
     """Run the relay (blocking): one process, or N workers sharing the sockets."""
     from relay import logs
     logs.setup(cfg.log.level, cfg.log.format)
-    workers = cfg.workers or os.cpu_count() or 1
+    from relay.workers import available_cpus, run_workers
+    workers = cfg.workers or available_cpus()
     if workers > 1:
-        from relay.workers import run_workers
         run_workers(cfg, config_path, workers)
         return
     _run_one(cfg, config_path, 0, 1)

@@ -39,7 +39,8 @@ def _when(ts: float) -> str:
 def cmd_serve(args) -> int:
     path = args.config or os.environ.get("RELAY_CONFIG") or None
     cfg = config_mod.load(path)
-    if (cfg.workers or os.cpu_count() or 1) > 1:
+    from relay.workers import available_cpus
+    if (cfg.workers or available_cpus()) > 1:
         _multiprocess_metrics()
     from relay.app import serve
     serve(cfg, path)

@@ -336,7 +336,8 @@ class Config:
     filters: tuple[FilterConfig, ...] = (FilterConfig(name="size"),)
     http: HTTPConfig = HTTPConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
-    # Worker processes sharing the listening sockets; 0 = one per core.
+    # Worker processes sharing the listening sockets; 0 = one per CPU this process may
+    # use (affinity, cgroup quota: relay.workers.available_cpus).
     workers: int = 1
 
     @property

@@ -18,13 +18,80 @@ workers have exited after a stop.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
+from pathlib import Path
 
 from relay.config import Config
 
 log = logging.getLogger("relay.workers")
+
+
+def available_cpus(proc_cgroup: str = "/proc/self/cgroup",
+                   cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """How many CPUs this process may really use, for `workers: 0`: its affinity mask
+    (cpusets, taskset) and, in a container, its cgroup CPU quota rounded up (a pod's
+    limits.cpu, docker --cpus). os.cpu_count() is the host's: on a 64-core node a pod
+    limited to 2 CPUs would fork 64 workers that the quota then throttles."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_root)
+    if quota is not None:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def cgroup_cpu_quota(proc_cgroup: str, cgroup_root: str) -> float | None:
+    """The CPU time this process's cgroup may use, in CPUs (quota / period), or None
+    when nothing limits it. The tightest limit from its cgroup up to the root counts;
+    cgroup v2 (cpu.max) and v1 (cpu.cfs_quota_us / cpu.cfs_period_us)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(cgroup_root)
+    limits: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, read = root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            mount, read = next((m for m in (root / controllers, root / "cpu")
+                                if m.is_dir()), root / "cpu"), _cfs_quota
+        else:
+            continue
+        d = mount / path.lstrip("/")
+        if not d.is_dir():
+            d = mount       # a container without its own cgroup namespace
+        while True:
+            q = read(d)
+            if q is not None:
+                limits.append(q)
+            if d == mount or mount not in d.parents:
+                break
+            d = d.parent
+    return min(limits, default=None)
+
+
+def _cpu_max(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def run_workers(cfg: Config, config_path: str | None, n: int) -> None:
