@@ -239,6 +239,65 @@ def test_expired_policy_is_refetched(tmp_path):
     assert f.calls == 2 and p.fetched == clock.t
 
 
+WEEK = POLICY.replace("86400", "604800")
+
+
+async def _settled(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "background refresh did not finish"
+        await asyncio.sleep(0.01)
+
+
+def test_policy_in_use_is_refreshed_before_it_expires(tmp_path):
+    """A day after its fetch, a policy in use is fetched again in the background: the
+    delivery gets the cached one at once, and the max_age runs from the new fetch, so
+    DNS blocked after the original expiry still finds a policy."""
+    async def body():
+        res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})
+        clock = Clock()
+        f = Fetcher(WEEK)
+        m = MTASTS(str(tmp_path), res, fetch=f, clock=clock)
+        first = await m.policy("example.test")
+        clock.t += 3600
+        assert await m.policy("example.test") == first
+        assert f.calls == 1                             # young: no refresh
+        clock.t += 2 * 86400
+        assert await m.policy("example.test") == first  # not held up by the refresh
+        await _settled(lambda: json.loads((tmp_path / "example.test.json").read_text())
+                       ["fetched"] == clock.t)
+        assert f.calls == 2
+        clock.t = first.expires + 3600                  # past the first fetch's lifetime
+        res.records["_mta-sts.example.test"] = DNSError
+        p = await m.policy("example.test")
+        assert p is not None and p.mode == "enforce" and p.id == "one"
+    run(body())
+
+
+def test_failed_refresh_keeps_the_policy_and_waits_before_trying_again(tmp_path, caplog):
+    async def body():
+        res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})
+        clock = Clock()
+        f = Fetcher(WEEK)
+        m = MTASTS(str(tmp_path), res, fetch=f, clock=clock)
+        first = await m.policy("example.test")
+        f.text = OSError("connection refused")
+        clock.t += 2 * 86400
+        assert await m.policy("example.test") == first
+        await _settled(lambda: "refresh of policy id=one failed" in caplog.text)
+        assert f.calls == 2
+        assert await m.policy("example.test") == first
+        await asyncio.sleep(0.05)
+        assert f.calls == 2                             # not again within the hour
+        clock.t += mta_sts.RETRY_REFRESH + 1
+        f.text = WEEK
+        assert await m.policy("example.test") == first
+        await _settled(lambda: f.calls == 3)
+        await _settled(lambda: json.loads((tmp_path / "example.test.json").read_text())
+                       ["fetched"] == clock.t)
+    run(body())
+
+
 def test_corrupt_cache_file_is_ignored(tmp_path):
     (tmp_path / "example.test.json").write_text("{not json")
     res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})

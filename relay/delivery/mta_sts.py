@@ -11,6 +11,8 @@ Trusts nothing fetched: the TXT id, the HTTP response and the policy text are pa
 strictly; anything malformed counts as no new policy. A cached, unexpired policy is
 kept when DNS or HTTPS fails (an attacker who can block them must not downgrade an
 `enforce` domain), and is replaced only by a newer valid policy (RFC 8461 5.1, 10.2).
+A policy in use is refreshed in the background once a day (REFRESH_AFTER), so its
+max_age keeps running from a recent fetch instead of lapsing.
 
 The HTTP parts (request rendering, response parsing) are plain functions without I/O;
 the fetch is a thin asyncio + ssl layer over them, so no HTTP library is needed.
@@ -41,6 +43,12 @@ MAX_POLICY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 MAX_MEMORY_DOMAINS = 10000
+# A policy in use is fetched again, in the background, once it is this old (or half its
+# max_age, if that is less): its lifetime then runs from the new fetch, so a domain
+# with ongoing traffic never has its policy lapse into a window an attacker who blocks
+# DNS or HTTPS could use (RFC 8461 10.2). A failed refresh waits RETRY_REFRESH.
+REFRESH_AFTER = 86400.0
+RETRY_REFRESH = 3600.0
 
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -271,6 +279,8 @@ class MTASTS:
         self._clock = clock
         self._mem: dict[str, Policy | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._refreshes: dict[str, asyncio.Task] = {}
+        self._refresh_tried: dict[str, float] = {}
 
     async def policy(self, domain: str) -> Policy | None:
         """The policy to apply to mail for `domain` now, or None (no MTA-STS)."""
@@ -301,6 +311,8 @@ class MTASTS:
             # (stripping DNS must not downgrade); without one there is no policy.
             return cached
         if cached is not None and cached.id == pid:
+            if now - cached.fetched >= min(REFRESH_AFTER, cached.max_age / 2):
+                self._refresh_soon(cached, now)
             return cached
         try:
             text = await asyncio.wait_for(self._fetch(domain), self._timeout)
@@ -314,6 +326,35 @@ class MTASTS:
         log.info("mta-sts %s: policy id=%s mode=%s max_age=%d mx=%s", domain, new.id,
                  new.mode, new.max_age, ",".join(new.mx))
         return new
+
+    def _refresh_soon(self, cached: Policy, now: float) -> None:
+        """Fetch the unchanged policy again without holding up the delivery that asked."""
+        domain = cached.domain
+        if domain in self._refreshes or \
+                now - self._refresh_tried.get(domain, 0.0) < RETRY_REFRESH:
+            return
+        self._refresh_tried[domain] = now
+        if len(self._refresh_tried) > MAX_MEMORY_DOMAINS:
+            self._refresh_tried = {domain: now}
+        task = asyncio.get_running_loop().create_task(self._refresh(cached))
+        self._refreshes[domain] = task
+        task.add_done_callback(lambda _t: self._refreshes.pop(domain, None))
+
+    async def _refresh(self, cached: Policy) -> None:
+        domain = cached.domain
+        try:
+            text = await asyncio.wait_for(self._fetch(domain), self._timeout)
+            new = parse_policy(text, domain, cached.id, self._clock())
+        except (OSError, ValueError) as e:
+            log.warning("mta-sts %s: refresh of policy id=%s failed (%s); keeping it "
+                        "until %s", domain, cached.id, str(e) or e.__class__.__name__,
+                        time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(cached.expires)))
+            return
+        if self._mem.get(domain) not in (cached, None):
+            return          # a newer policy arrived meanwhile (a new TXT id): keep it
+        await self._store(new)
+        log.info("mta-sts %s: policy id=%s refreshed, mode=%s max_age=%d", domain, new.id,
+                 new.mode, new.max_age)
 
     # --- cache ---
 
