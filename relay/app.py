@@ -168,6 +168,9 @@ class App:
             self._tasks.append(asyncio.create_task(run_digests(self.store, q, self.enqueue),
                                                    name="quarantine-digests"))
         on_release = self.releaser.on_release if self.releaser is not None else None
+        # Mail quarantined or changed by other workers (or pods) reaches IMAP IDLE.
+        self._tasks.append(asyncio.create_task(self.store.watch_disk(),
+                                               name="quarantine-watch"))
         try:
             from relay.quarantine.imap.server import start_imap
             for addr, implicit in ((q.imap_address, False), (q.imaps_address, True)):

@@ -5,8 +5,8 @@ the SMTP listeners itself with SO_REUSEPORT (the kernel spreads connections), ow
 own spool writer (segments w<N>-*.log: no locks shared on the per-message path) and
 delivers the messages it accepted. The SMTP connection limits count all workers'
 connections through a shared mapping made here before the fork (relay.smtp.limits).
-Worker 0 also serves HTTP (metrics, probes) and the quarantine over IMAP/POP3 (mailbox
-change notifications are in-process). Metrics of all
+Worker 0 also serves HTTP (metrics, probes) and the quarantine over IMAP/POP3 (changes
+the other workers make reach its IDLE clients through the store's disk watch). Metrics of all
 workers add up through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR is
 set by the CLI before prometheus_client is first imported).
 

@@ -219,3 +219,28 @@ def test_users_file_and_authenticate(tmp_path):
 def test_sanitize_header():
     assert sanitize_header("a\r\nb\x00c\td") == "a b?c d"
     assert len(sanitize_header("x" * 1000)) == 200
+
+
+def test_changes_by_another_process_reach_watchers(tmp_path):
+    """watch_disk: mail filed by another store on the same directory (another worker,
+    another pod) notifies this one's watchers; a folder that stays the same stops
+    being notified."""
+    async def body():
+        mine, other = make_store(tmp_path), make_store(tmp_path)
+        await mine.put(env("bob@example.test"), MSG, "spam", "f", "r")   # folders exist
+        calls: list[tuple[str, str]] = []
+        mine.watch("bob", INBOX, lambda u, f: calls.append((u, f)))
+        task = asyncio.create_task(mine.watch_disk(interval=0.05))
+        try:
+            await asyncio.sleep(0.3)
+            settled = len(calls)
+            await asyncio.sleep(0.3)
+            assert len(calls) == settled                # nothing changed: quiet
+            await other.put(env("bob@example.test"), MSG, "spam", "f", "r")
+            deadline = time.monotonic() + 5
+            while len(calls) == settled and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert calls[settled:] and set(calls) == {("bob", INBOX)}
+        finally:
+            task.cancel()
+    asyncio.run(body())

@@ -124,3 +124,42 @@ def test_connection_limits_hold_across_workers(tmp_path):
         refused = [ln for ln in r.log().splitlines() if "too many connections" in ln]
         assert len(refused) >= 8
         assert r.stop() == 0
+
+
+def test_imap_idle_sees_mail_quarantined_by_any_worker(tmp_path):
+    """Worker 0 serves IMAP; mail the other worker quarantines reaches an IDLE client
+    without it asking (the store watches the Maildir, not only its own process)."""
+    import time
+
+    from imapclient import IMAPClient
+
+    from relay.smtp.auth import hash_password
+    from tests._relay import free_port
+    imap_port = free_port()
+    conf = {"workers": 2, "delivery": {"enabled": False},
+            "filters": [{"name": "routing", "options": {"rules": [
+                {"name": "held", "recipient": ["bob@y.test"], "quarantine": "review",
+                 "reason": "review"}]}}],
+            "quarantine": {"imap_address": f"127.0.0.1:{imap_port}", "users": [
+                {"name": "bob", "password_hash": hash_password("pw-bob"),
+                 "addresses": ["bob@y.test"]}]}}
+    n = 10
+    with RelayProcess(tmp_path, conf) as r:
+        with IMAPClient("127.0.0.1", port=imap_port, ssl=False, timeout=30) as c:
+            c.login("bob", "pw-bob")
+            c.select_folder("INBOX")
+            c.idle()
+            for i in range(n):      # a connection each: the kernel spreads them
+                with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10) as s:
+                    s.sendmail("a@x.test", ["bob@y.test"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+            exists, deadline = 0, time.monotonic() + 20
+            while exists < n and time.monotonic() < deadline:
+                for resp in c.idle_check(timeout=1):
+                    if len(resp) > 1 and resp[1] == b"EXISTS":
+                        exists = max(exists, resp[0])
+            c.idle_done()
+        assert exists == n
+        pids = {ln.split("[")[1].split("]")[0] for ln in r.log().splitlines()
+                if "quarantined qid=" in ln}
+        assert len(pids) == 2, "every message went to one worker: nothing was proved"
+        assert r.stop() == 0

@@ -419,6 +419,45 @@ class QuarantineStore:
             except Exception:  # one broken session must not stop the others
                 log.exception("quarantine watcher failed")
 
+    async def watch_disk(self, interval: float = 2.0) -> None:
+        """Changes made by other processes (the other workers, other pods on a shared
+        volume) reach the watchers too: every `interval` seconds the new/ and cur/
+        directories of each watched folder are stat'ed, and a folder whose directories
+        changed is notified. A delivery or flag change renames a file in one of them,
+        which moves its mtime. Notifying a change this process made itself as well
+        costs a watcher one idempotent resync."""
+        seen: dict[tuple[str, str], tuple[int, ...] | None] = {}
+        changed: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(interval)
+            keys = list(self._watchers)
+            if not keys:
+                seen.clear()
+                continue
+            # In a thread: on a network filesystem a stat can take a while.
+            now = await asyncio.to_thread(self._signatures, keys)
+            # A folder watched since the last look may have changed before it was first
+            # seen here; and a change in the same clock tick as the one just seen leaves
+            # the mtime as it was: a changed folder is notified on the next look too.
+            again, changed = changed, {k for k, sig in now.items()
+                                       if k not in seen or seen[k] != sig}
+            for key in changed | (again & now.keys()):
+                self.notify(*key)
+            seen = now
+
+    def _signatures(self, keys: list[tuple[str, str]]
+                    ) -> dict[tuple[str, str], tuple[int, ...] | None]:
+        return {k: self._signature(*k) for k in keys}
+
+    def _signature(self, user: str, name: str) -> tuple[int, ...] | None:
+        try:
+            path = self.folder_path(user, name)
+            return tuple(x for sub in ("new", "cur")
+                         for st in (os.stat(path / sub),)
+                         for x in (st.st_mtime_ns, st.st_ino))
+        except (OSError, StoreError):
+            return None
+
     # -- putting messages in --
     def _destinations(self, env: Envelope, mailbox: str, filter: str
                       ) -> tuple[list[tuple[str, str]], list[str]]:
