@@ -62,7 +62,9 @@ class App:
     # --- building -------------------------------------------------------------------
 
     def _filter_env(self, cfg: Config) -> FilterEnv:
-        return FilterEnv(hostname=cfg.fqdn, resolver=self.resolver)
+        return FilterEnv(hostname=cfg.fqdn, resolver=self.resolver, worker=self.worker,
+                         workers=self.workers,
+                         shared_dir=str(Path(cfg.spool.path) / "shared"))
 
     async def start(self) -> None:
         cfg = self.cfg

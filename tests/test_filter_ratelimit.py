@@ -139,3 +139,64 @@ def test_memory_is_bounded() -> None:
 def test_config_errors_name_the_key(options: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         make(options)
+
+
+# --- across workers ----------------------------------------------------------------------
+
+def _workers(tmp_path, n: int, options: dict, clock: Clock) -> list[RateLimitFilter]:
+    return [RateLimitFilter(options, FilterEnv("mx.test", Resolver(), worker=w, workers=n,
+                                               shared_dir=str(tmp_path)), clock=clock)
+            for w in range(n)]
+
+
+LIMIT3 = {"limits": [{"key": "client_ip", "limit": 3, "window": "60s"}]}
+
+
+def test_a_limit_holds_for_all_workers_together(tmp_path) -> None:
+    clock = Clock()
+    a, b, c = _workers(tmp_path, 3, LIMIT3, clock)
+    assert mail(a, ctx()) == Action.CONTINUE
+    assert mail(b, ctx()) == Action.CONTINUE
+    assert mail(c, ctx()) == Action.CONTINUE
+    for f in (a, b, c):
+        assert mail(f, ctx()) == Action.TEMPFAIL        # three for the box, not each
+    assert mail(b, ctx("192.0.2.2")) == Action.CONTINUE  # another client is not held
+    # The window slides for every worker's share alike.
+    clock.now += 60 + 30                # half of the previous window still counts: 1.5
+    assert mail(a, ctx()) == Action.CONTINUE
+    assert mail(b, ctx()) == Action.TEMPFAIL            # 2.5 counted, + 1 > 3
+    clock.now += 60 * 5                 # long after: all counts are stale
+    assert [mail(f, ctx()) for f in (c, a, b)] == [Action.CONTINUE] * 3
+
+
+def test_a_reloaded_filter_keeps_the_other_workers_counts(tmp_path) -> None:
+    clock = Clock()
+    a, b = _workers(tmp_path, 2, LIMIT3, clock)
+    for _ in range(3):
+        assert mail(a, ctx()) == Action.CONTINUE
+    b2 = _workers(tmp_path, 2, LIMIT3, clock)[1]        # worker 1's filter after a reload
+    assert mail(b2, ctx()) == Action.TEMPFAIL
+
+
+def test_counts_from_before_a_reboot_are_dropped(tmp_path) -> None:
+    clock = Clock()
+    a, _ = _workers(tmp_path, 2, LIMIT3, clock)
+    for _ in range(3):
+        assert mail(a, ctx()) == Action.CONTINUE
+    clock.now = 120.0                   # the monotonic clock started again
+    a2, b2 = _workers(tmp_path, 2, LIMIT3, clock)
+    assert mail(b2, ctx()) == Action.CONTINUE
+
+
+def test_the_sketch_only_overcounts_and_rarely(tmp_path) -> None:
+    """Thousands of other keys on one worker do not hold back a new key on another."""
+    clock = Clock()
+    opts = {"limits": [{"key": "sender", "limit": 2, "window": "60s"}]}
+    a, b = _workers(tmp_path, 2, opts, clock)
+    for i in range(5000):
+        assert mail(a, ctx(mail_from=f"s{i}@example.org")) == Action.CONTINUE
+    held = sum(mail(b, ctx(mail_from=f"new{i}@example.org")) != Action.CONTINUE
+               for i in range(500))
+    assert held == 0
+    assert mail(b, ctx(mail_from="s7@example.org")) == Action.CONTINUE   # 1 + 1 = 2
+    assert mail(b, ctx(mail_from="s7@example.org")) == Action.TEMPFAIL

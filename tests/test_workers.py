@@ -163,3 +163,22 @@ def test_imap_idle_sees_mail_quarantined_by_any_worker(tmp_path):
                 if "quarantined qid=" in ln}
         assert len(pids) == 2, "every message went to one worker: nothing was proved"
         assert r.stop() == 0
+
+
+def test_rate_limits_hold_across_workers(tmp_path):
+    """ratelimit: 3 messages per client for the box, however the kernel spreads the
+    client's connections over the workers."""
+    conf = {"workers": 2, "delivery": {"enabled": False},
+            "filters": [{"name": "ratelimit", "options": {"limits": [
+                {"key": "client_ip", "limit": 3, "window": "1h"}]}}]}
+    with RelayProcess(tmp_path, conf) as r:
+        codes = []
+        for _ in range(10):         # a connection each
+            with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10) as s:
+                s.ehlo("t")
+                codes.append(s.mail("a@x.test")[0])
+        assert codes.count(250) == 3 and codes.count(450) == 7, codes
+        pids = {ln.split("[")[1].split("]")[0] for ln in r.log().splitlines()
+                if "client=" in ln or "ratelimit" in ln}
+        assert len(pids) == 2, "one worker took every connection: nothing was proved"
+        assert r.stop() == 0

@@ -205,6 +205,11 @@ class FilterEnv:
 
     hostname: str                 # our FQDN: authserv-id, Received-SPF
     resolver: Resolver
+    # This process among the relay's workers, and a directory for state they share
+    # (empty: none). A filter that counts (ratelimit) adds up all workers' counts there.
+    worker: int = 0
+    workers: int = 1
+    shared_dir: str = ""
 
 
 class Filter:
