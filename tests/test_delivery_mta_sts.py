@@ -242,6 +242,17 @@ def test_expired_policy_is_refetched(tmp_path):
 WEEK = POLICY.replace("86400", "604800")
 
 
+def _weekly(tmp_path):
+    res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})
+    clock = Clock()
+    f = Fetcher(WEEK)
+    return res, clock, f, MTASTS(str(tmp_path), res, fetch=f, clock=clock)
+
+
+def _stored(tmp_path) -> dict:
+    return json.loads((tmp_path / "example.test.json").read_text())
+
+
 async def _settled(pred, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -254,18 +265,14 @@ def test_policy_in_use_is_refreshed_before_it_expires(tmp_path):
     delivery gets the cached one at once, and the max_age runs from the new fetch, so
     DNS blocked after the original expiry still finds a policy."""
     async def body():
-        res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})
-        clock = Clock()
-        f = Fetcher(WEEK)
-        m = MTASTS(str(tmp_path), res, fetch=f, clock=clock)
+        res, clock, f, m = _weekly(tmp_path)
         first = await m.policy("example.test")
         clock.t += 3600
         assert await m.policy("example.test") == first
         assert f.calls == 1                             # young: no refresh
         clock.t += 2 * 86400
         assert await m.policy("example.test") == first  # not held up by the refresh
-        await _settled(lambda: json.loads((tmp_path / "example.test.json").read_text())
-                       ["fetched"] == clock.t)
+        await _settled(lambda: _stored(tmp_path)["fetched"] == clock.t)
         assert f.calls == 2
         clock.t = first.expires + 3600                  # past the first fetch's lifetime
         res.records["_mta-sts.example.test"] = DNSError
@@ -276,10 +283,7 @@ def test_policy_in_use_is_refreshed_before_it_expires(tmp_path):
 
 def test_failed_refresh_keeps_the_policy_and_waits_before_trying_again(tmp_path, caplog):
     async def body():
-        res = TXTResolver({"_mta-sts.example.test": ["v=STSv1; id=one"]})
-        clock = Clock()
-        f = Fetcher(WEEK)
-        m = MTASTS(str(tmp_path), res, fetch=f, clock=clock)
+        res, clock, f, m = _weekly(tmp_path)
         first = await m.policy("example.test")
         f.text = OSError("connection refused")
         clock.t += 2 * 86400
@@ -293,8 +297,7 @@ def test_failed_refresh_keeps_the_policy_and_waits_before_trying_again(tmp_path,
         f.text = WEEK
         assert await m.policy("example.test") == first
         await _settled(lambda: f.calls == 3)
-        await _settled(lambda: json.loads((tmp_path / "example.test.json").read_text())
-                       ["fetched"] == clock.t)
+        await _settled(lambda: _stored(tmp_path)["fetched"] == clock.t)
     run(body())
 
 
