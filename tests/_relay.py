@@ -186,8 +186,11 @@ def strip_trace(message: bytes) -> bytes:
 class RawClient:
     """A byte-level SMTP client for what smtplib will not send."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10,
+                 source: str | None = None):
+        """source: the loopback address the connection comes from."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

@@ -22,15 +22,6 @@ from tests._security import make_message, wait_for
 NO_DELIVERY = {"delivery": {"enabled": False}}
 
 
-def raw_from(src: str, port: int, timeout: float = 10) -> RawClient:
-    """A RawClient whose connection comes from loopback address `src`."""
-    c = RawClient.__new__(RawClient)
-    c.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                      source_address=(src, 0))
-    c.buf = b""
-    return c
-
-
 def smtp_from(src: str, port: int) -> smtplib.SMTP:
     return smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(src, 0))
 
@@ -58,18 +49,18 @@ def closed_with_421(c: RawClient) -> bool:
 def test_slowloris_idle_and_dripping_clients_hit_limits_and_timeouts(tmp_path):
     conf = {**NO_DELIVERY, "smtp": {"max_connections_per_ip": 3, "command_timeout": 1.5}}
     with RelayProcess(tmp_path, conf) as r:
-        idle = [raw_from("127.0.0.1", r.smtp_port) for _ in range(3)]
+        idle = [RawClient(r.smtp_port, source="127.0.0.1") for _ in range(3)]
         for c in idle:
             assert c.reply()[0] == 220
         # The attacker's fourth connection is refused at once ...
-        extra = raw_from("127.0.0.1", r.smtp_port)
+        extra = RawClient(r.smtp_port, source="127.0.0.1")
         code, line = extra.reply()
         assert code == 421 and b"too many connections" in line
         # ... while a normal client elsewhere is served.
         normal_client_gets_through("127.0.0.2", r.smtp_port)
         # A client that drips a command one byte at a time does not reset the clock:
         # the command timeout covers the whole line.
-        drip = raw_from("127.0.0.3", r.smtp_port)
+        drip = RawClient(r.smtp_port, source="127.0.0.3")
         assert drip.reply()[0] == 220
         sent = 0
         try:
@@ -85,7 +76,7 @@ def test_slowloris_idle_and_dripping_clients_hit_limits_and_timeouts(tmp_path):
         # The idle ones are timed out too, and their slots come back.
         for c in idle:
             assert closed_with_421(c)
-        again = raw_from("127.0.0.1", r.smtp_port)
+        again = RawClient(r.smtp_port, source="127.0.0.1")
         assert again.reply()[0] == 220
         assert r.stop() == 0
         assert "timeout after CONNECT" in r.log()
@@ -100,7 +91,7 @@ def test_half_open_tls_handshakes_hold_slots_only_until_the_handshake_timeout(tm
     with RelayProcess(tmp_path, conf) as r:
         half = []
         for _ in range(3):
-            c = raw_from("127.0.0.1", r.smtp_port, timeout=60)
+            c = RawClient(r.smtp_port, timeout=60, source="127.0.0.1")
             assert c.reply()[0] == 220
             c.send(b"EHLO h\r\n")
             assert c.reply()[0] == 250
@@ -108,18 +99,18 @@ def test_half_open_tls_handshakes_hold_slots_only_until_the_handshake_timeout(tm
             assert c.reply()[0] == 220
             half.append(c)
         # A ClientHello's first bytes and then silence, on another address.
-        partial = raw_from("127.0.0.4", r.smtp_port, timeout=60)
+        partial = RawClient(r.smtp_port, timeout=60, source="127.0.0.4")
         partial.reply()
         partial.send(b"EHLO p\r\nSTARTTLS\r\n")
         partial.reply(), partial.reply()
         partial.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-        assert raw_from("127.0.0.1", r.smtp_port).reply()[0] == 421
+        assert RawClient(r.smtp_port, source="127.0.0.1").reply()[0] == 421
         normal_client_gets_through("127.0.0.2", r.smtp_port, tls=True)
         start = time.monotonic()
         wait_for(lambda: all(c.closed() for c in half + [partial]), 20,
                  "half-open handshakes to be dropped")
         waited = time.monotonic() - start
-        again = raw_from("127.0.0.1", r.smtp_port)
+        again = RawClient(r.smtp_port, source="127.0.0.1")
         assert again.reply()[0] == 220
         print(f"\nhalf-open TLS slots freed after {waited:.1f}s")
         assert r.stop() == 0

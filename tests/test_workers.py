@@ -91,22 +91,21 @@ def test_connection_limits_hold_across_workers(tmp_path):
     import time
 
     from tests._relay import RawClient
-    from tests.test_security_abuse import raw_from
     conf = {"workers": 2, "delivery": {"enabled": False},
             "smtp": {"max_connections_per_ip": 4}}
     with RelayProcess(tmp_path, conf) as r:
         held: list[RawClient] = []
         for _ in range(4):
-            c = raw_from("127.0.0.5", r.smtp_port)
+            c = RawClient(r.smtp_port, source="127.0.0.5")
             assert c.reply()[0] == 220
             held.append(c)
         # Per worker, 4 more would fit; for the box, none does.
         for _ in range(8):
-            c = raw_from("127.0.0.5", r.smtp_port)
+            c = RawClient(r.smtp_port, source="127.0.0.5")
             code, line = c.reply()
             assert (code, line[4:9]) == (421, b"4.7.0"), line
             c.close()
-        other = raw_from("127.0.0.6", r.smtp_port)
+        other = RawClient(r.smtp_port, source="127.0.0.6")
         assert other.reply()[0] == 220
         other.close()
         for c in held:
@@ -116,7 +115,7 @@ def test_connection_limits_hold_across_workers(tmp_path):
         deadline = time.monotonic() + 10
         admitted = 0
         while admitted < 4 and time.monotonic() < deadline:
-            c = raw_from("127.0.0.5", r.smtp_port)
+            c = RawClient(r.smtp_port, source="127.0.0.5")
             admitted += c.reply()[0] == 220
             c.close()
             time.sleep(0.05)

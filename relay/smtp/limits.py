@@ -65,7 +65,7 @@ class Limits:
 
     def admit(self, ip: str) -> bool:
         count, here = self.count, self.by_ip.get(ip, 0)
-        if self._others is not None:
+        if self._mine is not None and self._others is not None:
             s = 1 + slot(ip)
             for row in self._others:
                 count += row[0]
@@ -76,7 +76,7 @@ class Limits:
         self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
         if self._mine is not None:
             self._mine[0] = self.count
-            self._mine[1 + slot(ip)] += 1
+            self._mine[s] += 1
         return True
 
     def release(self, ip: str) -> None:
